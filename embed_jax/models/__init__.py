@@ -1,0 +1,52 @@
+"""Flax text encoders and the sentence-embedding pipeline around them."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from embed_jax.models.bert import BertModel
+from embed_jax.models.config import ModelConfig
+from embed_jax.models.pooling import l2_normalize, pool
+
+ENCODERS = {"bert": BertModel}  # config.json `model_type` -> encoder module
+
+
+def supported_architectures() -> tuple[str, ...]:
+  return tuple(sorted(ENCODERS))
+
+
+class SentenceEncoder(nn.Module):
+  """Transformer -> Pooling -> [Normalize], the sentence-transformers pipeline, as one module.
+
+  `__call__` returns the sentence embedding [B, E]; `encode_tokens` returns token states.
+  """
+  config: ModelConfig
+
+  def setup(self):
+    if self.config.architecture not in ENCODERS:
+      raise ValueError(f"architecture {self.config.architecture!r} is not supported; "
+                       f"supported: {', '.join(supported_architectures())}")
+    self.encoder = ENCODERS[self.config.architecture](self.config)
+
+  def encode_tokens(self, ids_BxL, mask_BxL, *, deterministic: bool = True, all_layers: bool = False):
+    return self.encoder(ids_BxL, mask_BxL, deterministic=deterministic, all_layers=all_layers)
+
+  def __call__(self, ids_BxL, mask_BxL, *, deterministic: bool = True,
+               normalize: bool | None = None) -> jnp.ndarray:
+    """normalize: None follows the model's modules.json; False gives the raw pooled vector."""
+    hidden_BxLxH = self.encode_tokens(ids_BxL, mask_BxL, deterministic=deterministic)
+    emb_BxE = pool(hidden_BxLxH, mask_BxL, self.config.pooling)
+    unit = self.config.normalize if normalize is None else normalize
+    return l2_normalize(emb_BxE) if unit else emb_BxE
+
+
+def abstract_params(config: ModelConfig) -> dict:
+  """The params pytree of `config` as ShapeDtypeStructs, without allocating anything."""
+  ids_1x8 = jnp.zeros((1, 8), jnp.int32)
+  return jax.eval_shape(SentenceEncoder(config).init, jax.random.key(0), ids_1x8, ids_1x8)["params"]
+
+
+__all__ = ["ModelConfig", "SentenceEncoder", "BertModel", "pool", "l2_normalize",
+           "supported_architectures", "abstract_params"]

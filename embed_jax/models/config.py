@@ -1,0 +1,71 @@
+"""The model configuration: the encoder's shape plus the sentence-transformers pipeline around it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "lasttoken")  # concatenation order
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything needed to build the Flax module and to write the model back out.
+
+  Hashable (it is a static attribute of the module); `hf_config` keeps the original config.json so
+  that export writes back fields embed_jax does not interpret, and is left out of hashing.
+  """
+
+  architecture: str = "bert"  # config.json `model_type`
+  vocab_size: int = 30522
+  hidden_size: int = 384
+  num_layers: int = 6
+  num_heads: int = 12
+  intermediate_size: int = 1536
+  hidden_act: str = "gelu"  # "gelu" is the exact erf form, as in transformers
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  pad_token_id: int = 0
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  add_pooler: bool = True  # the BERT [CLS] pooler; unused by sentence embeddings, kept for export
+  position_ids_buffer: bool = False  # write `embeddings.position_ids` on export (old checkpoints have it)
+  # sentence-transformers pipeline: Transformer -> Pooling -> [Normalize]
+  pooling: tuple[str, ...] = ("mean",)
+  normalize: bool = True
+  max_seq_length: int = 256  # tokens, [CLS] and [SEP] included; longer texts are truncated
+  do_lower_case: bool = False  # lower-case before tokenising (sentence_bert_config.json)
+  matryoshka_dims: tuple[int, ...] = ()  # truncations the model was trained for (model card)
+  dtype: str = "float32"  # compute dtype; "bfloat16" on TPU/GPU
+  param_dtype: str = "float32"  # storage dtype of the parameters
+  hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+
+  def __post_init__(self):
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+    bad = [m for m in self.pooling if m not in POOLING_MODES]
+    if bad or not self.pooling:
+      raise ValueError(f"pooling modes {list(self.pooling)} not supported; choose from {POOLING_MODES}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act {self.hidden_act!r} not supported; choose from {ACTIVATIONS}")
+    if not 0 < self.max_seq_length <= self.max_position_embeddings:
+      raise ValueError(
+          f"max_seq_length {self.max_seq_length} must be in 1..max_position_embeddings "
+          f"({self.max_position_embeddings})")
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError as e:
+        raise ValueError(f"{name}={getattr(self, name)!r} is not a dtype (use float32 or bfloat16)") from e
+
+  @property
+  def embedding_dim(self) -> int:
+    return self.hidden_size * len(self.pooling)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)

@@ -1,0 +1,33 @@
+"""Pooling of token states into one vector, as sentence-transformers' Pooling module does."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def pool(hidden_BxLxD: jnp.ndarray, mask_BxL: jnp.ndarray, modes: tuple[str, ...]) -> jnp.ndarray:
+  """Pools over real tokens only; several modes are concatenated in `POOLING_MODES` order."""
+  hidden_BxLxD = hidden_BxLxD.astype(jnp.float32)  # accumulate in float32 whatever the compute dtype
+  m_BxLx1 = mask_BxL[..., None].astype(jnp.float32)
+  outputs = []
+  for mode in modes:
+    if mode == "cls":
+      outputs.append(hidden_BxLxD[:, 0])
+    elif mode == "max":
+      outputs.append(jnp.max(jnp.where(m_BxLx1 > 0, hidden_BxLxD, -jnp.inf), axis=1))
+    elif mode in ("mean", "mean_sqrt_len_tokens"):
+      sum_BxD = jnp.sum(hidden_BxLxD * m_BxLx1, axis=1)
+      count_Bx1 = jnp.maximum(jnp.sum(m_BxLx1, axis=1), 1e-9)
+      outputs.append(sum_BxD / (count_Bx1 if mode == "mean" else jnp.sqrt(count_Bx1)))
+    elif mode == "lasttoken":
+      last_B = jnp.maximum(jnp.sum(mask_BxL, axis=1) - 1, 0)  # right padding
+      outputs.append(jnp.take_along_axis(hidden_BxLxD, last_B[:, None, None], axis=1)[:, 0])
+    else:
+      raise ValueError(f"unknown pooling mode {mode!r}")
+  return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
+
+
+def l2_normalize(x_BxD: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
+  """x / max(||x||, eps), as torch.nn.functional.normalize (the Normalize module)."""
+  norm_Bx1 = jnp.linalg.norm(x_BxD, axis=-1, keepdims=True)
+  return x_BxD / jnp.maximum(norm_Bx1, eps)
