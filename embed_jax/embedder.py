@@ -44,6 +44,10 @@ class Embedder:
   """A sentence-embedding model: config, params, tokenizer and a jitted forward."""
 
   def __init__(self, config: ModelConfig, params, tokenizer, source: str | None = None):
+    if len(tokenizer) > config.vocab_size:
+      # Out-of-range ids would silently embed as NaN (JAX gathers fill out-of-bounds rows).
+      raise hf.ModelFormatError(f"the tokenizer has {len(tokenizer)} tokens but the model's "
+                                f"vocab_size is {config.vocab_size}: they do not belong together")
     self.config = config
     self.params = jax.tree.map(jnp.asarray, params)
     self.tokenizer = tokenizer

