@@ -16,6 +16,19 @@ from embed_jax.models import ModelConfig
 _MODEL_FILES = ("config.json", "model.safetensors", "modules.json")
 
 
+def atomic_write(path: Path, write, mode: str = "wb") -> None:
+  """Calls write(file) on a temp file beside `path`, then renames it over `path`."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
 def _write_json(path: Path, obj) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

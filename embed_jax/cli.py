@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from embed_jax.checkpoint import atomic_write
+from embed_jax.train import TrainingError
+
 
 class CliError(Exception):
   """A user error: printed as one line, exit code 2."""
@@ -44,19 +47,6 @@ def read_texts(path: Path, field: str = "text") -> list[str]:
         raise CliError(f"{path}:{n}: expected a JSON string or an object with a string "
                        f"{field!r} field")
   return texts
-
-
-def atomic_write(path: Path, write, mode: str = "wb") -> None:
-  """Calls write(file) on a temp file beside `path`, then renames it over `path`."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 def cmd_encode(args) -> None:
@@ -108,8 +98,63 @@ def cmd_eval(args) -> None:
         f"{s['num_docs']} documents, max_seq_length {s['max_seq_length']}\n")
   print(evaluate.format_table(out["results"]))
   if args.output:
-    atomic_write(Path(args.output), lambda f: f.write(json.dumps(out, indent=2) + "\n"), "w")
-    print(f"\nwrote {args.output}")
+    path = Path(args.output)
+    atomic_write(path, lambda f: f.write(json.dumps(out, indent=2) + "\n"), "w")
+    if path.suffix == ".json":  # and the table beside it, for reports
+      settings = "\n".join(f"- {k}: {v}" for k, v in s.items())
+      md = f"{evaluate.format_table(out['results'])}\n\nSettings:\n{settings}\n"
+      atomic_write(path.with_suffix(".md"), lambda f: f.write(md), "w")
+    print(f"\nwrote {path}")
+
+
+def load_config(path: str, overrides: list[str]):
+  """get_config() from a config file, then `--config.a.b=value` overrides (typed by the default)."""
+  import ast
+  import importlib.util
+  import sys
+  path, _, arg = path.partition(":")  # configs/x.py:smoke passes "smoke" to get_config
+  file = Path(path).resolve()
+  if not file.exists():
+    raise CliError(f"config file {path} does not exist")
+  if str(file.parent.parent) not in sys.path:  # configs import `configs.base`
+    sys.path.insert(0, str(file.parent.parent))
+  spec = importlib.util.spec_from_file_location(f"embed_jax_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for item in overrides:
+    if not item.startswith("--config.") or "=" not in item:
+      raise CliError(f"unrecognised argument {item!r}: overrides look like --config.optim.lr=3e-5")
+    key, text = item[len("--config."):].split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      if p not in node:
+        raise CliError(f"--config.{key}: no field {p!r} in the config")
+      node = node[p]
+    if leaf not in node:
+      raise CliError(f"--config.{key}: no field {leaf!r}; fields here: {', '.join(sorted(node.keys()))}")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+      value = float(value)
+    if isinstance(old, str) and not isinstance(value, str):
+      value = text
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise CliError(f"--config.{key}={text}: {e}") from e
+  return config
+
+
+def cmd_train(args, overrides: list[str]) -> None:
+  from embed_jax import train
+  config = load_config(args.config, overrides)
+  summary = train.train(config, args.workdir)
+  print(json.dumps(summary, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,15 +191,30 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("--max_seq_length", type=int, default=None, help="default: the model's")
   v.add_argument("--output", default=None, help="write settings and results as JSON")
   v.set_defaults(func=cmd_eval)
+
+  t = sub.add_parser("train", help="run an experiment config; re-running the command resumes",
+                     epilog="Override any config value with --config.<path>=<value>.")
+  t.add_argument("--config", required=True, help="a configs/<name>.py file with get_config()")
+  t.add_argument("--workdir", required=True, help="checkpoints, logs, export and results go here")
+  t.set_defaults(func=cmd_train, takes_overrides=True)
+
+  from embed_jax.data.mining import add_mine_parser, cmd_mine
+  add_mine_parser(sub)
   return p
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  args, extra = build_parser().parse_known_args(argv)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  logging.getLogger("embed_jax").setLevel(logging.INFO)
   try:
-    args.func(args)
-  except (CliError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+    if getattr(args, "takes_overrides", False):
+      args.func(args, extra)
+    elif extra:
+      raise CliError(f"unrecognised arguments: {' '.join(extra)}")
+    else:
+      args.func(args)
+  except (CliError, TrainingError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
     print(f"embed-jax {args.command}: error: {e}", file=sys.stderr)
     return 2
   return 0

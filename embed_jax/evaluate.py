@@ -220,8 +220,10 @@ class Scalar:
   """int8 / uint8 scalar quantisation, per-dimension ranges calibrated on the corpus.
 
   As sentence-transformers' `quantize_embeddings`: 256 steps between each dimension's corpus
-  minimum and maximum; queries are quantised with the corpus ranges and scored by the dot product
-  of the codes (int8 is shifted by 128), as an int8 vector index does.
+  minimum and maximum (int8 codes are shifted by 128). int8 quantises the queries with the same
+  ranges and scores by the dot product of the codes, as an int8 vector index does. A dot product
+  of unsigned codes is dominated by the per-dimension offsets, so uint8 is scored as uint8 stores
+  are used: the float query against the de-quantised documents.
   """
 
   def __init__(self, precision: str):
@@ -237,16 +239,21 @@ class Scalar:
     self.low_D = docs_NxD.min(axis=0)
     self.step_D = np.maximum(docs_NxD.max(axis=0) - self.low_D, 1e-12) / 255
     self.codes_NxD = self.quantize(docs_NxD)
-    # float64 holds every code product exactly (uint8 sums reach 255^2 * D, past float32's 2^24).
-    self._docs_f = self.codes_NxD.astype(np.float64)
+    # float32 holds every int8 code product sum exactly (< 2^24 for D <= 1024).
+    self._docs_f = self.codes_NxD.astype(np.float32)
 
   @property
   def bytes_per_doc(self) -> float:
     return self.codes_NxD.shape[1]
 
   def search(self, queries_QxD: np.ndarray, k: int):
-    q_QxD = self.quantize(unit(queries_QxD)).astype(np.float64)
-    return topk_search(lambda a, b: q_QxD @ self._docs_f[a:b].T, len(self.codes_NxD), k)
+    q_QxD = unit(queries_QxD)
+    if self.name == "int8":
+      q_QxD = self.quantize(q_QxD).astype(np.float32)
+      return topk_search(lambda a, b: q_QxD @ self._docs_f[a:b].T, len(self.codes_NxD), k)
+    # q . (low + (code + 0.5) * step) ranks as (q * step) . code: the rest is constant per query.
+    qs_QxD = (q_QxD * self.step_D).astype(np.float32)
+    return topk_search(lambda a, b: qs_QxD @ self._docs_f[a:b].T, len(self.codes_NxD), k)
 
 
 class Binary:
@@ -350,15 +357,17 @@ def model_fingerprint(model) -> str:
 def evaluate_retrieval(model, dataset, split: str = "test", *, dims: Sequence[int] | None = None,
                        precisions: Sequence[str] = ("float32",), rescore: int = 0,
                        k_values: Sequence[int] = DEFAULT_K, batch_size: int = 32,
-                       show_progress: bool | None = None) -> dict:
+                       show_progress: bool | None = None,
+                       qrels: Mapping[str, Mapping[str, int]] | None = None) -> dict:
   """Encodes a BEIR split's judged queries and the corpus once, then evaluates each representation.
 
-  Returns {"settings": {...}, "results": [...]}: the settings name the model fingerprint, dataset
-  checksum, max_seq_length and text joining, so that a number can be traced to what produced it.
+  `qrels` overrides the split's (e.g. dev queries carved from train). Returns {"settings": {...},
+  "results": [...]}: the settings name the model fingerprint, dataset checksum, max_seq_length and
+  text joining, so that a number can be traced to what produced it.
   """
-  qrels = dataset.qrels(split)
-  queries = dataset.split_queries(split)
-  query_ids = list(queries)
+  qrels = dataset.qrels(split) if qrels is None else qrels
+  query_ids = [q for q in dataset.queries if q in qrels]
+  queries = dataset.queries
   doc_ids = dataset.corpus_ids
   t = time.perf_counter()
   docs_NxD = model.encode(dataset.corpus_texts(" "), batch_size=batch_size, normalize=False,

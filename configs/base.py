@@ -1,0 +1,91 @@
+"""Defaults shared by every experiment; each configs/<name>.py starts from get_config() here.
+
+    embed-jax train --config configs/scifact_mnrl.py --workdir runs/mnrl [--config.optim.lr=3e-5]
+    embed-jax train --config configs/scifact_mnrl.py:smoke --workdir /tmp/smoke   # seconds
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # data order is a function of (seed, epoch); dropout keys are fold_in(seed, step)
+  c.smoke = False  # True: a tiny random model and a few steps (see apply_smoke)
+
+  # Model: a hub id or a local Hugging Face folder. `init` (a folder) overrides its weights, e.g.
+  # the export of an earlier stage; `resume` (a workdir) continues another run's checkpoint.
+  c.model = "sentence-transformers/all-MiniLM-L6-v2"
+  c.init = ""
+  c.resume = ""
+  c.max_seq_length = 256  # documents, tokens incl. [CLS]/[SEP]
+  c.query_max_seq_length = 64  # queries are short claims/questions
+  c.dtype = "float32"  # compute dtype; bfloat16 on TPU/GPU
+  c.dropout = True  # the encoder's own dropout rates during training
+
+  # Data: pairs from a BEIR split's qrels (relevance > 0).
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "scifact"  # BEIR name under $EMBED_JAX_DATA/beir, or a folder/zip
+  c.data.data_dir = ""  # TFDS cache; "" = ~/.cache/embed_jax/tfds
+  c.data.train_split = "train"
+  c.data.dev_split = ""  # "" = carve dev queries from train (below) when the dataset has no dev
+  c.data.dev_fraction = 0.0  # share of train queries held out as dev; 0 = no dev evaluation
+  c.data.negatives = ""  # JSONL from `embed-jax mine`: {"query_id", "negatives": [doc ids]}
+  c.data.num_negatives = 0  # hard negatives per pair, drawn from that file
+  # Mine `data.negatives` with the starting model when the file does not exist yet.
+  c.data.mine = ml_collections.ConfigDict()
+  c.data.mine.enabled = False
+  c.data.mine.top_k = 50  # candidates retrieved per query
+  c.data.mine.skip_top = 3  # ranks skipped after removing positives (likely unlabelled positives)
+  c.data.mine.margin = 0.05  # drop candidates scoring above (lowest positive - margin)
+  c.data.mine.num_negatives = 5  # kept per query; training samples data.num_negatives of them
+  c.data.mine.sampling = "random"  # random | top
+
+  # Loss over embeddings (embed_jax.losses).
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "mnrl"  # mnrl (InfoNCE) | triplet | cosent
+  c.loss.scale = 20.0  # 1 / temperature on cosine similarities
+  c.loss.symmetric = False  # also rank queries given each positive
+  c.loss.margin = 0.5  # triplet margin
+
+  c.batch_size = 32  # global, across devices; must divide by the device count
+  c.num_epochs = 3
+  c.max_steps = 0  # > 0 stops early (smoke runs, budgets)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 5e-5  # peak, after warmup
+  c.optim.schedule = "linear"  # linear | cosine decay to 0 after warmup
+  c.optim.warmup_ratio = 0.1  # of the total steps
+  c.optim.weight_decay = 0.01  # AdamW; never on biases and LayerNorm
+  c.optim.clip_norm = 1.0  # global gradient norm; 0 = off
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-6
+
+  c.train = ml_collections.ConfigDict()
+  c.train.runner = "jit"  # jit (a Mesh with a `data` axis) | pmap
+  c.train.grad_cache_chunk = 0  # > 0: gradient caching with chunks of this many pairs
+  c.train.log_every = 10  # steps between metric lines
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 50
+  c.checkpoint.keep = 2
+
+  # Evaluators, each with its own cadence (0 = only at the end).
+  c.evals = ml_collections.ConfigDict()
+  c.evals.dev_every_steps = 0  # nDCG@10 on the dev queries; needs a dev split
+  c.evals.test_at_end = True  # BEIR test evaluation of the final model -> results.json
+  c.evals.batch_size = 64
+  c.export = "final"  # final | best (best dev nDCG@10)
+  return c
+
+
+def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any experiment to seconds on a CPU: a tiny random model, short texts, a few steps."""
+  c.smoke = True
+  c.max_seq_length = 64
+  c.query_max_seq_length = 32
+  c.batch_size = 8
+  c.max_steps = 4
+  c.checkpoint.every_steps = 2
+  c.evals.batch_size = 256
+  return c

@@ -1,0 +1,125 @@
+"""Training pairs from a BEIR split: (query, positive[, hard negatives]) in fixed-shape batches.
+
+The order is a function of (seed, epoch) and the batch of a step is a function of the step alone,
+so the iterator position saved with a checkpoint is just the step number: a resumed run sees the
+same batches as an uninterrupted one. Texts are tokenised once; each batch is padded to bucketed
+lengths (few compiled shapes) and to the full batch size, with `valid_B` marking real rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from embed_jax.embedder import bucket_for, length_buckets
+
+
+def carve_dev(query_ids: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+  """Splits query ids into (train, dev) by a seeded permutation; `fraction` goes to dev."""
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"dev_fraction must be in [0, 1), got {fraction}")
+  ids = sorted(query_ids)
+  perm = np.random.default_rng(seed).permutation(len(ids))
+  n_dev = int(round(fraction * len(ids)))
+  dev = {ids[i] for i in perm[:n_dev]}
+  return [q for q in query_ids if q not in dev], [q for q in query_ids if q in dev]
+
+
+@dataclasses.dataclass
+class Pairs:
+  """Index form of the training pairs; ids index `query_texts` and `doc_texts`."""
+  query_ids: list[str]
+  doc_ids: list[str]
+  pairs_Px2: np.ndarray  # (query index, positive doc index), one row per relevant pair
+  negatives: list[np.ndarray]  # per query index: candidate hard-negative doc indices
+
+
+def build_pairs(dataset, split: str, *, query_subset: Sequence[str] | None = None,
+                negatives: dict[str, list[str]] | None = None) -> Pairs:
+  """Pairs from the qrels of `split` (relevance > 0), restricted to `query_subset` if given."""
+  qrels = dataset.qrels(split)
+  keep = set(query_subset) if query_subset is not None else None
+  query_ids = [q for q in dataset.queries if q in qrels and (keep is None or q in keep)]
+  doc_index = {d: i for i, d in enumerate(dataset.corpus_ids)}
+  q_index = {q: i for i, q in enumerate(query_ids)}
+  rows = []
+  for q in query_ids:
+    for d, rel in qrels[q].items():
+      if rel > 0 and d in doc_index:
+        rows.append((q_index[q], doc_index[d]))
+  if not rows:
+    raise ValueError(f"{dataset.name} {split}: no (query, relevant document) pair to train on")
+  negs = [np.array([doc_index[d] for d in (negatives or {}).get(q, []) if d in doc_index], np.int32)
+          for q in query_ids]
+  return Pairs(query_ids, list(dataset.corpus_ids), np.array(rows, np.int32), negs)
+
+
+class PairLoader:
+  """batch(step) -> dict of numpy arrays with static shapes (per length bucket).
+
+  Keys: q_ids_BxLq, q_mask_BxLq, p_ids_BxLd, p_mask_BxLd, [n_ids_BxNxLd, n_mask_BxNxLd],
+  query_B (query index, for masking a query's other positives), pos_doc_B, neg_doc_BxN (doc
+  indices, -1 = padding, for duplicate masking) and valid_B.
+  """
+
+  def __init__(self, pairs: Pairs, q_tokens: list[list[int]], d_tokens: list[list[int]], *,
+               batch_size: int, seed: int, num_negatives: int = 0, q_max_len: int, d_max_len: int,
+               pad_id: int = 0, drop_last: bool = False):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_negatives and not any(len(n) for n in pairs.negatives):
+      raise ValueError(f"num_negatives={num_negatives} but no query has hard negatives: "
+                       f"set config.data.negatives to a file from `embed-jax mine`")
+    self.pairs, self.q_tokens, self.d_tokens = pairs, q_tokens, d_tokens
+    self.batch_size, self.seed, self.num_negatives = batch_size, seed, num_negatives
+    self.q_buckets, self.d_buckets = length_buckets(q_max_len), length_buckets(d_max_len)
+    self.pad_id, self.drop_last = pad_id, drop_last
+    n = len(pairs.pairs_Px2)
+    self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"{n} pairs do not fill one batch of {batch_size} with drop_last")
+
+  def _order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs.pairs_Px2))
+
+  def _pad(self, seqs: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(seqs), length), self.pad_id, np.int32)
+    mask = np.zeros((len(seqs), length), np.int32)
+    for r, s in enumerate(seqs):
+      ids[r, :len(s)], mask[r, :len(s)] = s, 1
+    return ids, mask
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    epoch, i = divmod(step, self.steps_per_epoch)
+    rows = self._order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+    b, n = self.batch_size, self.num_negatives
+    q_idx, p_idx = self.pairs.pairs_Px2[rows].T
+    valid = np.zeros(b, bool)
+    valid[:len(rows)] = True
+    query_B = np.full(b, -1, np.int32)
+    pos_B = np.full(b, -1, np.int32)
+    query_B[:len(rows)], pos_B[:len(rows)] = q_idx, p_idx
+    neg_BxN = np.full((b, n), -1, np.int32)
+    rng = np.random.default_rng([self.seed, epoch, i, 1])
+    for r, q in enumerate(q_idx):
+      cands = self.pairs.negatives[q]
+      if n and len(cands):
+        take = rng.choice(len(cands), size=min(n, len(cands)), replace=False)
+        neg_BxN[r, :len(take)] = cands[take]
+    # Padding rows and missing negatives repeat the first real row's texts (real text keeps every
+    # gradient finite); valid_B and the -1 doc ids mask them out of the loss.
+    q_tok = [self.q_tokens[query_B[r] if valid[r] else query_B[0]] for r in range(b)]
+    p_tok = [self.d_tokens[pos_B[r] if valid[r] else pos_B[0]] for r in range(b)]
+    n_tok = [self.d_tokens[d] if d >= 0 else p_tok[0] for d in neg_BxN.reshape(-1)]
+    lq = bucket_for(max(map(len, q_tok)), self.q_buckets)
+    ld = bucket_for(max(map(len, p_tok + n_tok)), self.d_buckets)
+    out = {}
+    out["q_ids_BxLq"], out["q_mask_BxLq"] = self._pad(q_tok, lq)
+    out["p_ids_BxLd"], out["p_mask_BxLd"] = self._pad(p_tok, ld)
+    if n:
+      ids, mask = self._pad(n_tok, ld)
+      out["n_ids_BxNxLd"], out["n_mask_BxNxLd"] = ids.reshape(b, n, ld), mask.reshape(b, n, ld)
+    out.update(query_B=query_B, pos_doc_B=pos_B, neg_doc_BxN=neg_BxN, valid_B=valid)
+    return out

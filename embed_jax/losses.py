@@ -1,0 +1,192 @@
+"""Pure loss functions over embeddings: jit- and grad-friendly, cosine similarity throughout.
+
+    loss = mnrl(q_BxD, p_BxD, neg_BxNxD, scale=20.0, valid_B=valid_B, p_ids_B=p_ids_B)
+
+Every loss takes raw embeddings (it L2-normalises them itself) and returns a float32 scalar,
+the mean over valid rows (CoSENT: one term over the pairs of valid rows). `valid_B` marks the real
+rows of a batch: a final partial batch is padded to the static batch shape and masked, and a
+padded row contributes nothing (no loss, no candidate, no gradient), so a padded batch gives the
+same value and gradients as the unpadded one. Each loss matches its sentence-transformers
+counterpart (MultipleNegatives[Symmetric]RankingLoss, TripletLoss, CoSENTLoss) on the same
+embeddings; tests/test_losses.py checks it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# The similarity matrices are small next to the encoder, so they run at full float32 precision
+# (the TPU default for float32 matmuls is one bfloat16 pass: ~1e-3 error in cos, x scale in logits).
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def unit(x_NxD: Array) -> Array:
+  """x / max(|x|, 1e-12) in float32, as torch's F.normalize; the gradient at x = 0 is finite
+  (if large, 1/eps, as torch's)."""
+  x_NxD = jnp.asarray(x_NxD, jnp.float32)
+  # rsqrt of the clamped squared norm: differentiating |x| itself at a zero row gives NaN.
+  sq_Nx1 = jnp.sum(x_NxD * x_NxD, axis=-1, keepdims=True)
+  return x_NxD * jax.lax.rsqrt(jnp.maximum(sq_Nx1, 1e-24))
+
+
+def _rows_valid(valid_B: Array | None, batch: int) -> Array:
+  return jnp.ones((batch,), bool) if valid_B is None else jnp.asarray(valid_B, bool)
+
+
+def _zero_invalid(x_Bx: Array, ok_B: Array) -> Array:
+  """Replaces masked rows by zeros before any arithmetic, so that garbage (even inf or NaN) in a
+  padded row cannot leak into the loss or its gradients through 0 * nan."""
+  ok = ok_B.reshape(ok_B.shape + (1,) * (x_Bx.ndim - ok_B.ndim))
+  return jnp.where(ok, x_Bx, 0.0)
+
+
+def _mean_over(loss_B: Array, valid_B: Array) -> Array:
+  """Mean over valid rows (0 when there are none)."""
+  total = jnp.sum(jnp.where(valid_B, loss_B, 0.0))
+  return (total / jnp.maximum(jnp.sum(valid_B), 1)).astype(jnp.float32)
+
+
+def _masked_logsumexp(logits_BxC: Array, allowed_BxC: Array) -> Array:
+  # Every row keeps at least its target column, so no row is all -inf.
+  return jax.nn.logsumexp(jnp.where(allowed_BxC, logits_BxC, -jnp.inf), axis=1)
+
+
+def _same_id(ids_B: Array, ids_C: Array) -> Array:
+  """[B, C] True where a row's id (>= 0; -1 is no id) equals a candidate's id."""
+  return (ids_B[:, None] == ids_C[None, :]) & (ids_B[:, None] >= 0)
+
+
+def _forward_logits(q_BxD, p_BxD, neg_BxNxD, scale, valid_B, p_ids_B, neg_ids_BxN, q_ids_B):
+  """Query-to-document logits over candidates [positives (B), hard negatives (B*N, row-major)],
+  which candidates each query may see, and the unit embeddings. The target of row i is column i."""
+  batch = q_BxD.shape[0]
+  valid_B = _rows_valid(valid_B, batch)
+  q_BxD = unit(_zero_invalid(q_BxD, valid_B))
+  p_BxD = unit(_zero_invalid(p_BxD, valid_B))
+  docs_CxD, doc_ok_C = p_BxD, valid_B
+  doc_ids_C = None if p_ids_B is None else jnp.asarray(p_ids_B, jnp.int32)
+  if neg_BxNxD is not None:
+    num_neg = neg_BxNxD.shape[1]
+    neg_ok_BxN = jnp.broadcast_to(valid_B[:, None], (batch, num_neg))
+    if neg_ids_BxN is not None:
+      neg_ids_BxN = jnp.asarray(neg_ids_BxN, jnp.int32)
+      neg_ok_BxN = neg_ok_BxN & (neg_ids_BxN >= 0)  # -1: a padding negative
+    neg_BxNxD = unit(_zero_invalid(neg_BxNxD, neg_ok_BxN))
+    docs_CxD = jnp.concatenate([p_BxD, neg_BxNxD.reshape(batch * num_neg, -1)])
+    doc_ok_C = jnp.concatenate([valid_B, neg_ok_BxN.reshape(-1)])
+    if doc_ids_C is not None:
+      # Negatives without ids (-1) are never taken for a duplicate of the positive.
+      neg_ids_C = (jnp.full((batch * num_neg,), -1, jnp.int32) if neg_ids_BxN is None
+                   else neg_ids_BxN.reshape(-1))
+      doc_ids_C = jnp.concatenate([doc_ids_C, neg_ids_C])
+  logits_BxC = scale * jnp.matmul(q_BxD, docs_CxD.T, precision=_HIGHEST)
+  target_BxC = jnp.arange(docs_CxD.shape[0])[None, :] == jnp.arange(batch)[:, None]
+  allowed_BxC = doc_ok_C[None, :]
+  if doc_ids_C is not None:
+    # The same document elsewhere in the batch (a repeated positive, or a hard negative that is
+    # the positive) is not a negative for this row.
+    allowed_BxC = allowed_BxC & ~_same_id(doc_ids_C[:batch], doc_ids_C)
+  if q_ids_B is not None:
+    # Another row of the same query (a query with several positives) holds one of its positives.
+    q_ids_B = jnp.asarray(q_ids_B, jnp.int32)
+    same_q_BxB = _same_id(q_ids_B, q_ids_B)
+    pad_BxM = jnp.zeros((batch, docs_CxD.shape[0] - batch), bool)  # its hard negatives stay
+    allowed_BxC = allowed_BxC & ~jnp.concatenate([same_q_BxB, pad_BxM], axis=1)
+  return logits_BxC, allowed_BxC | target_BxC, valid_B, q_BxD, p_BxD
+
+
+def mnrl(q_BxD: Array, p_BxD: Array, neg_BxNxD: Array | None = None, *, scale: float = 20.0,
+         symmetric: bool = False, valid_B: Array | None = None, p_ids_B: Array | None = None,
+         neg_ids_BxN: Array | None = None, q_ids_B: Array | None = None) -> Array:
+  """Multiple-negatives ranking loss (InfoNCE with in-batch negatives), cosine logits x scale.
+
+  Query i ranks every positive in the batch and every hard negative of every row; its target is
+  positive i. As sentence-transformers' MultipleNegativesRankingLoss, or with symmetric=True its
+  MultipleNegativesSymmetricRankingLoss: (forward + backward) / 2, where backward has positive i
+  rank the batch's queries.
+
+  valid_B: bool, real rows; padded rows give no loss and are no one's candidates.
+  p_ids_B, neg_ids_BxN: int32 document ids (-1: no id). A candidate with row i's positive id is
+    masked for row i (except its own target), and in the backward direction a query whose positive
+    has that id is masked too. A hard negative with id -1 is padding: never a candidate.
+  q_ids_B: int32 query ids (-1: no id). Rows of the same query (one query, several positives)
+    do not rank each other's positives (or, backward, each other's queries) as negatives; their
+    hard negatives stay candidates.
+  """
+  logits_BxC, allowed_BxC, valid_B, q_BxD, p_BxD = _forward_logits(
+      q_BxD, p_BxD, neg_BxNxD, scale, valid_B, p_ids_B, neg_ids_BxN, q_ids_B)
+  rows_B = jnp.arange(q_BxD.shape[0])
+  loss_B = _masked_logsumexp(logits_BxC, allowed_BxC) - logits_BxC[rows_B, rows_B]
+  if symmetric:
+    logits_BxB = scale * jnp.matmul(p_BxD, q_BxD.T, precision=_HIGHEST)  # positive i -> queries
+    allowed_BxB = valid_B[None, :]
+    # A query whose positive is this same document, or that is this row's query, matches it too.
+    for ids_B in (p_ids_B, q_ids_B):
+      if ids_B is not None:
+        ids_B = jnp.asarray(ids_B, jnp.int32)
+        allowed_BxB = allowed_BxB & ~_same_id(ids_B, ids_B)
+    allowed_BxB = allowed_BxB | (rows_B[:, None] == rows_B[None, :])
+    backward_B = _masked_logsumexp(logits_BxB, allowed_BxB) - logits_BxB[rows_B, rows_B]
+    loss_B = (loss_B + backward_B) / 2
+  return _mean_over(loss_B, valid_B)
+
+
+def retrieval_accuracy(q_BxD: Array, p_BxD: Array, neg_BxNxD: Array | None = None, *,
+                       valid_B: Array | None = None, p_ids_B: Array | None = None,
+                       neg_ids_BxN: Array | None = None, q_ids_B: Array | None = None) -> Array:
+  """In-batch top-1 accuracy: the fraction of valid queries whose best candidate (same candidates
+  and masks as `mnrl`) is their own positive. Ties go to the lower column (positives first)."""
+  logits_BxC, allowed_BxC, valid_B, _, _ = _forward_logits(
+      q_BxD, p_BxD, neg_BxNxD, 1.0, valid_B, p_ids_B, neg_ids_BxN, q_ids_B)
+  best_B = jnp.argmax(jnp.where(allowed_BxC, logits_BxC, -jnp.inf), axis=1)
+  return _mean_over((best_B == jnp.arange(q_BxD.shape[0])).astype(jnp.float32), valid_B)
+
+
+def _pair_distance(x_BxD: Array, y_BxD: Array, distance: str) -> Array:
+  if distance == "cosine":
+    return 1.0 - jnp.sum(x_BxD * y_BxD, axis=-1)
+  if distance == "euclidean":
+    sq_B = jnp.sum(jnp.square(x_BxD - y_BxD), axis=-1)
+    # sqrt has an infinite slope at 0 (an anchor equal to its positive): take 0 there instead.
+    positive_B = sq_B > 0
+    return jnp.where(positive_B, jnp.sqrt(jnp.where(positive_B, sq_B, 1.0)), 0.0)
+  raise ValueError(f"distance={distance!r}; expected 'cosine' or 'euclidean'")
+
+
+def triplet(a_BxD: Array, p_BxD: Array, n_BxD: Array, *, margin: float = 0.5,
+            distance: str = "cosine", valid_B: Array | None = None) -> Array:
+  """relu(d(a, p) - d(a, n) + margin), as sentence-transformers' TripletLoss.
+
+  distance: "cosine" (1 - cos) or "euclidean"; both on unit vectors (so euclidean is
+  sqrt(2 - 2 cos), in [0, 2]), unlike sentence-transformers, whose euclidean distance sees the
+  model's output as it is (unit vectors only for models ending in Normalize).
+  """
+  valid_B = _rows_valid(valid_B, a_BxD.shape[0])
+  a_BxD, p_BxD, n_BxD = (unit(_zero_invalid(x, valid_B)) for x in (a_BxD, p_BxD, n_BxD))
+  loss_B = jax.nn.relu(_pair_distance(a_BxD, p_BxD, distance)
+                       - _pair_distance(a_BxD, n_BxD, distance) + margin)
+  return _mean_over(loss_B, valid_B)
+
+
+def cosent(e1_BxD: Array, e2_BxD: Array, labels_B: Array, *, scale: float = 20.0,
+           valid_B: Array | None = None) -> Array:
+  """CoSENT, as sentence-transformers' CoSENTLoss: with s = scale * cos(e1, e2) per pair,
+  log(1 + sum over (i, j) with label_i > label_j of exp(s_j - s_i)).
+
+  One term over all pairs of valid rows (not a mean over rows): a batch with no ordered pair
+  (all labels equal) gives log(1) = 0.
+  """
+  valid_B = _rows_valid(valid_B, e1_BxD.shape[0])
+  e1_BxD = unit(_zero_invalid(e1_BxD, valid_B))
+  e2_BxD = unit(_zero_invalid(e2_BxD, valid_B))
+  s_B = scale * jnp.sum(e1_BxD * e2_BxD, axis=-1)
+  labels_B = jnp.asarray(labels_B, jnp.float32)
+  diff_BxB = s_B[None, :] - s_B[:, None]  # [i, j] = s_j - s_i
+  ordered_BxB = (labels_B[:, None] > labels_B[None, :]) & valid_B[:, None] & valid_B[None, :]
+  terms = jnp.where(ordered_BxB, diff_BxB, -jnp.inf).reshape(-1)
+  # The leading 0 is the 1 in log(1 + ...); it also keeps the sum finite when no pair is ordered.
+  terms = jnp.concatenate([jnp.zeros((1,), jnp.float32), terms])
+  return jax.nn.logsumexp(terms).astype(jnp.float32)

@@ -1,0 +1,177 @@
+"""Training: runners agree, gradient caching is exact, resume is exact, bad configs are refused."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from embed_jax import train as T
+from embed_jax.models import SentenceEncoder
+from embed_jax.testing import init_params, tiny_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from configs import scifact_mnrl  # noqa: E402
+
+needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+
+
+def smoke_config(dataset, **changes):
+  c = scifact_mnrl.get_config("smoke")
+  c.data.dataset = str(dataset)
+  c.evals.test_at_end = True
+  for key, value in changes.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def synthetic_batch(b=16, n=1, lq=8, ld=16, seed=0, vocab=100):
+  rng = np.random.default_rng(seed)
+  def text(*shape):
+    ids = rng.integers(5, vocab, shape).astype(np.int32)
+    lengths = rng.integers(2, shape[-1] + 1, shape[:-1])
+    mask = (np.arange(shape[-1]) < lengths[..., None]).astype(np.int32)
+    return ids * mask, mask
+  batch = {}
+  batch["q_ids_BxLq"], batch["q_mask_BxLq"] = text(b, lq)
+  batch["p_ids_BxLd"], batch["p_mask_BxLd"] = text(b, ld)
+  if n:
+    batch["n_ids_BxNxLd"], batch["n_mask_BxNxLd"] = text(b, n, ld)
+  batch["query_B"] = np.arange(b, dtype=np.int32)
+  batch["pos_doc_B"] = np.arange(b, dtype=np.int32)
+  batch["pos_doc_B"][3] = batch["pos_doc_B"][5]  # a duplicate positive
+  batch["neg_doc_BxN"] = (100 + np.arange(b * n, dtype=np.int32)).reshape(b, n)
+  batch["valid_B"] = np.arange(b) < b - 2  # a padded final batch
+  return batch
+
+
+def _setup(grad_cache_chunk=0, runner="jit", symmetric=True):
+  cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
+  c = scifact_mnrl.get_config()
+  c.dropout = False
+  c.loss.symmetric = symmetric
+  c.train.grad_cache_chunk = grad_cache_chunk
+  c.train.runner = runner
+  tx, schedule = T.make_optimizer(c.optim, total_steps=10)
+  state = T.init_state(init_params(cfg), tx, seed=0)
+  return SentenceEncoder(cfg), c, tx, schedule, state
+
+
+def _run(runner_name, devices, chunk=0, steps=2):
+  module, c, tx, schedule, state = _setup(chunk, runner_name)
+  axis = "batch" if runner_name == "pmap" else None
+  runner = T.make_runner(runner_name, T.make_train_step(module, c, tx, schedule, axis), devices)
+  state = runner.put_state(state)
+  losses = []
+  for s in range(steps):
+    state, m = runner.step(state, synthetic_batch(seed=s))
+    losses.append(float(m["loss"]))
+  return losses, jax.tree.map(np.asarray, runner.get_state(state).params)
+
+
+def _assert_same(a, b, tol=1e-5):
+  np.testing.assert_allclose(a[0], b[0], rtol=tol, atol=tol)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=tol), a[1], b[1])
+
+
+@needs_8
+def test_jit_and_pmap_on_8_devices_match_one_device():
+  one = _run("jit", jax.devices()[:1])
+  _assert_same(one, _run("jit", jax.devices()[:8]))
+  _assert_same(one, _run("pmap", jax.devices()[:8]))
+
+
+@needs_8
+def test_grad_cache_equals_the_plain_gradient():
+  one = _run("jit", jax.devices()[:1])
+  _assert_same(one, _run("jit", jax.devices()[:1], chunk=4))
+  _assert_same(one, _run("pmap", jax.devices()[:8], chunk=1))
+
+
+def test_grad_cache_reuses_dropout_keys():
+  """With dropout on, the cached gradient equals the plain one: both passes share each key."""
+  cfg = tiny_config()
+  c = scifact_mnrl.get_config()
+  tx, schedule = T.make_optimizer(c.optim, 10)
+  state = T.init_state(init_params(cfg), tx, 0)
+  out = []
+  for chunk in (0, 16):
+    c.train.grad_cache_chunk = chunk
+    step = jax.jit(T.make_train_step(SentenceEncoder(cfg), c, tx, schedule))
+    out.append(step(state, synthetic_batch())[1]["grad_norm"])
+  # Each chunk draws its own dropout masks (fold_in(rng, chunk)); the plain step is chunk 0.
+  np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
+
+
+def test_smoke_run_exports_and_resumes_exactly(tiny_beir, tmp_path):
+  full = T.train(smoke_config(tiny_beir), tmp_path / "full")
+  assert Path(full["export"], "model.safetensors").exists()
+  results = json.loads((tmp_path / "full" / "results.json").read_text())
+  assert results["results"][0]["representation"] == "float32"
+  assert 0 <= full["test_ndcg@10"] <= 1
+
+  part = T.train(smoke_config(tiny_beir), tmp_path / "part", stop_after=3)  # "killed" after 3
+  assert part["steps"] == 3 and "export" not in part
+  resumed = T.train(smoke_config(tiny_beir), tmp_path / "part")
+  assert resumed["test_ndcg@10"] == pytest.approx(full["test_ndcg@10"], abs=1e-6)
+  from embed_jax import hf
+  _, a = hf.load(full["export"])
+  _, b = hf.load(resumed["export"])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
+  lines = lambda d: [json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+  by_step = lambda rows: {r["step"]: r for r in rows if "loss" in r}
+  full_m, part_m = by_step(lines("full")), by_step(lines("part"))
+  assert full_m.keys() == part_m.keys()
+  for s in full_m:
+    assert full_m[s]["loss"] == pytest.approx(part_m[s]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"loss.name": "hinge"}, "loss.name"),
+    ({"optim.lr": 0.0}, "optim.lr"),
+    ({"batch_size": 7}, "multiple of the 8 devices"),
+    ({"init": "/no/such/folder"}, "init='/no/such/folder' does not exist"),
+    ({"train.grad_cache_chunk": 3}, "grad_cache_chunk"),
+    ({"data.num_negatives": 2}, "data.negatives"),
+])
+def test_bad_config_is_refused_before_compute(change, message, tmp_path):
+  c = smoke_config(tmp_path / "unused", **change)
+  with pytest.raises(ValueError, match=message):
+    T.check_config(c, num_devices=8)
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(tiny_beir, tmp_path):
+  c = smoke_config(tiny_beir, **{"optim.lr": 1e30, "optim.warmup_ratio": 0.0, "max_steps": 6})
+  with pytest.raises(T.TrainingError, match=r"non-finite loss .* at step \d+; last good checkpoint"):
+    T.train(c, tmp_path / "nan")
+  # No checkpoint holds non-finite params.
+  from embed_jax.train import checkpoint_manager, params_are_finite, restore_checkpoint
+  mngr = checkpoint_manager(tmp_path / "nan", c)
+  for step in mngr.all_steps():
+    state, _ = restore_checkpoint(mngr, T.init_state(init_params(tiny_config()), T.make_optimizer(c.optim, 6)[0], 0), step)
+    assert params_are_finite(state.params)
+
+
+def test_hardneg_smoke_mines_then_trains_from_the_cli(tiny_beir, tmp_path, capsys):
+  from embed_jax.cli import main
+  repo = Path(__file__).resolve().parents[1]
+  negs = tmp_path / "negs" / "train.jsonl"
+  rc = main(["train", "--config", f"{repo}/configs/scifact_hardneg.py:smoke", "--workdir",
+             str(tmp_path / "run"), f"--config.data.dataset={tiny_beir}",
+             f"--config.data.negatives={negs}", "--config.data.mine.skip_top=0",
+             "--config.data.mine.margin=-1.0", "--config.evals.test_at_end=False"])
+  assert rc == 0, capsys.readouterr().err
+  assert negs.exists() and (tmp_path / "run" / "export" / "model.safetensors").exists()
+  assert main(["train", "--config", f"{repo}/configs/scifact_mnrl.py:smoke", "--workdir",
+               str(tmp_path / "bad"), "--config.optim.lr=-1"]) == 2
+  assert "optim.lr=-1.0 must be > 0" in capsys.readouterr().err
+  assert main(["train", "--config", f"{repo}/configs/scifact_mnrl.py", "--workdir",
+               str(tmp_path / "bad"), "--config.optim.lrr=1"]) == 2
+  assert "no field 'lrr'" in capsys.readouterr().err
