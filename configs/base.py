@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluators, each with its own cadence (0 = only at the end).
   c.evals = ml_collections.ConfigDict()
   c.evals.dev_every_steps = 0  # nDCG@10 on the dev queries; needs a dev split
+  c.evals.test_at_start = False  # also the starting model -> results_before.json (before/after)
   c.evals.test_at_end = True  # BEIR test evaluation of the final model -> results.json
   c.evals.batch_size = 64
   c.export = "final"  # final | best (best dev nDCG@10)

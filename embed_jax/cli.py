@@ -155,6 +155,11 @@ def cmd_train(args, overrides: list[str]) -> None:
   config = load_config(args.config, overrides)
   summary = train.train(config, args.workdir)
   print(json.dumps(summary, indent=2))
+  if "test_ndcg@10" in summary:
+    before = summary.get("test_ndcg@10_before")
+    print(f"\n{config.data.dataset} test nDCG@10 of {summary['model']}: "
+          + (f"before {before:.4f} -> " if before is not None else "")
+          + f"after {summary['test_ndcg@10']:.4f}  (export: {summary['export']})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -457,8 +457,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                                       batch_size=config.evals.batch_size)
     return out["results"][0]["metrics"]["ndcg@10"]
 
+  def test_eval(params, name: str) -> float:
+    results = evaluate.evaluate_retrieval(embedder(params), dataset, "test",
+                                          batch_size=config.evals.batch_size)
+    results["settings"]["config"] = json.loads(config.to_json_best_effort())
+    atomic_write(workdir / name, lambda f: f.write(json.dumps(results, indent=2) + "\n"), "w")
+    return results["results"][0]["metrics"]["ndcg@10"]
+
   # ---- loop ----
   start = int(runner.get_state(state).step)
+  before = workdir / "results_before.json"
+  if config.evals.test_at_start and start == 0 and not before.exists():
+    log.info("test nDCG@10 before training %.4f", test_eval(params, before.name))
   end = total_steps if stop_after is None else min(total_steps, start + stop_after)
   metrics_file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
   best_params = None
@@ -508,7 +518,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     metrics_file.close()
     bar.close()
 
-  summary = {"workdir": str(workdir), "steps": end, "total_steps": total_steps}
+  summary = {"workdir": str(workdir), "model": source, "steps": end, "total_steps": total_steps}
   if end < total_steps:
     return summary  # interrupted on purpose; re-running the command resumes
 
@@ -523,11 +533,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   out_dir = export(params, model_config.replace(dtype="float32"), tokenizer, workdir / "export",
                    base_model=config.model)
   summary["export"] = str(out_dir)
+  if before.exists():
+    summary["test_ndcg@10_before"] = json.loads(before.read_text())["results"][0]["metrics"]["ndcg@10"]
   if config.evals.test_at_end:
-    results = evaluate.evaluate_retrieval(embedder(params), dataset, "test",
-                                          batch_size=config.evals.batch_size)
-    results["settings"]["config"] = json.loads(config.to_json_best_effort())
-    atomic_write(workdir / "results.json", lambda f: f.write(json.dumps(results, indent=2) + "\n"), "w")
-    summary["test_ndcg@10"] = results["results"][0]["metrics"]["ndcg@10"]
+    summary["test_ndcg@10"] = test_eval(params, "results.json")
     log.info("test nDCG@10 %.4f", summary["test_ndcg@10"])
   return summary

@@ -166,8 +166,10 @@ def test_hardneg_smoke_mines_then_trains_from_the_cli(tiny_beir, tmp_path, capsy
   rc = main(["train", "--config", f"{repo}/configs/scifact_hardneg.py:smoke", "--workdir",
              str(tmp_path / "run"), f"--config.data.dataset={tiny_beir}",
              f"--config.data.negatives={negs}", "--config.data.mine.skip_top=0",
-             "--config.data.mine.margin=-1.0", "--config.evals.test_at_end=False"])
-  assert rc == 0, capsys.readouterr().err
+             "--config.data.mine.margin=-1.0", "--config.evals.test_at_start=True"])
+  out, err = capsys.readouterr()
+  assert rc == 0, err
+  assert "test nDCG@10 of tiny-random-bert: before" in out
   assert negs.exists() and (tmp_path / "run" / "export" / "model.safetensors").exists()
   assert main(["train", "--config", f"{repo}/configs/scifact_mnrl.py:smoke", "--workdir",
                str(tmp_path / "bad"), "--config.optim.lr=-1"]) == 2
