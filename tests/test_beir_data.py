@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from embed_jax.data import BeirFormatError, beir, load_beir, resolve_beir
+from tests.conftest import data_root
 
 CORPUS = [
     {"_id": "d1", "title": "Title one", "text": "Text  one,\n  spaced."},
@@ -315,16 +316,9 @@ def test_download_when_online(tmp_path, env, monkeypatch, http_dir):
 # ---- the real SciFact ----
 
 
-def _shared_data() -> Path | None:
-  if os.environ.get("EMBED_JAX_DATA"):
-    return Path(os.environ["EMBED_JAX_DATA"])
-  shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-  return shared if shared.is_dir() else None
-
-
-@pytest.mark.skipif(_shared_data() is None, reason="no EMBED_JAX_DATA and no ../shared/data")
+@pytest.mark.skipif(data_root() is None, reason="no EMBED_JAX_DATA and no ../shared/data")
 def test_scifact(tmp_path, monkeypatch):
-  data = _shared_data()
+  data = data_root()
   monkeypatch.setenv("EMBED_JAX_DATA", str(data))
   monkeypatch.setenv("EMBED_JAX_OFFLINE", "1")
   ds = load_beir("scifact", data_dir=tmp_path / "cache")
