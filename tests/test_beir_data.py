@@ -340,3 +340,31 @@ def test_scifact(tmp_path, monkeypatch):
       "a53f2114831916c096b6c37d9e54da68cef4efdcdbd5ed46533601af972acf1d  qrels/train.tsv\n"
       "0864bb985e0ca2367ba217977e72004d549054b2b06666ed9d4825ac7c21284c  qrels/test.tsv\n")
   assert ds.checksum == hashlib.sha256(manifest.encode()).hexdigest()
+
+
+def test_builds_and_reads_with_tensorflow_blocked(tmp_path):
+  """In a fresh interpreter where `import tensorflow` fails, the builder writes and reads."""
+  import importlib.util
+  if importlib.util.find_spec("tensorflow") is not None:
+    pytest.skip("tensorflow is installed here; embed_jax does not depend on it")
+  import subprocess
+  import sys
+  folder = write_beir(tmp_path / "tiny")
+  code = f"""
+import importlib.util
+# tfds probes for tensorflow itself, so it is hidden only by not being installed (as here).
+if importlib.util.find_spec("tensorflow") is not None:
+  raise SystemExit("tensorflow is installed: this check needs an environment without it")
+from embed_jax.data import load_beir
+ds = load_beir({str(folder)!r}, data_dir={str(tmp_path / "cache")!r})
+assert len(ds.corpus_ids) == 4 and ds.qrels("test")
+try:
+  import tensorflow
+except ImportError:
+  print("ok: no tensorflow")
+"""
+  env = {**os.environ, "EMBED_JAX_OFFLINE": "1"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=Path(__file__).resolve().parents[1], timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "ok: no tensorflow" in out.stdout
