@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--workdir", required=True, help="checkpoints, logs, export and results go here")
   t.set_defaults(func=cmd_train, takes_overrides=True)
 
-  from embed_jax.data.mining import add_mine_parser, cmd_mine
+  from embed_jax.data.mining import add_mine_parser
   add_mine_parser(sub)
   return p
 

@@ -13,7 +13,6 @@ import importlib
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,7 +64,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
       raise ModelFormatError(f"{path} is a file; pass the model folder that contains config.json")
     return path
   name = str(name_or_path)
-  looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+  looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids: "org/name"
   if looks_like_path or not name:
     raise FileNotFoundError(f"model folder {name!r} does not exist")
   try:

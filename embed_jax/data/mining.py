@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Collection, IO, Mapping, Sequence
+from typing import Collection, IO, Mapping, Sequence
 
 import numpy as np
 
