@@ -37,3 +37,4 @@ test: install-dev
 bench: install-dev
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/encode.py
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/train_step.py
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/search.py
