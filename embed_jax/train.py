@@ -386,10 +386,16 @@ def load_data(config, dataset, tokenizer, model_config):
 
 
 def _setup_logging(workdir: Path) -> None:
+  """Package logs also go to <workdir>/train.log (replacing an earlier run's file handler)."""
+  logger = logging.getLogger("embed_jax")
+  for h in [h for h in logger.handlers if getattr(h, "embed_jax_run", False)]:
+    logger.removeHandler(h)
+    h.close()
   handler = logging.FileHandler(workdir / "train.log")
+  handler.embed_jax_run = True
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-  logging.getLogger("embed_jax").addHandler(handler)
-  logging.getLogger("embed_jax").setLevel(logging.INFO)
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
