@@ -84,3 +84,50 @@ def test_compute_and_param_dtypes_are_separate():
 def test_bad_config_values_are_named(bad):
   with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
     ModelConfig(**bad)
+
+
+def _textbook_attention(q, k, v, bias, keep, rate):
+  p = jax.nn.softmax(jnp.matmul(q, k.swapaxes(-1, -2)) + bias, axis=-1)
+  return jnp.matmul(p if keep is None else jnp.where(keep, p / (1 - rate), 0.0), v)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_attention_backward_matches_autodiff(dropout):
+  """The hand-written attention backward equals autodiff of softmax(q k^T + bias) v, with
+  padded keys and with a dropout mask."""
+  from embed_jax.models.attention import attention
+  rng = np.random.default_rng(0)
+  b, n, l, d = 3, 2, 7, 4
+  q, k, v = (jnp.asarray(rng.normal(size=(b, n, l, d)), jnp.float32) for _ in range(3))
+  mask = np.ones((b, l), bool)
+  mask[1, 4:] = False
+  bias = jnp.where(jnp.asarray(mask)[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
+  keep, rate = (jnp.asarray(rng.random((b, n, l, l)) > 0.3), 0.3) if dropout else (None, 0.0)
+  g = jnp.asarray(rng.normal(size=(b, n, l, d)), jnp.float32)
+  out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, bias, keep, rate), q, k, v)
+  ref, ref_vjp = jax.vjp(lambda q, k, v: _textbook_attention(q, k, v, bias, keep, rate), q, k, v)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  for got, want in zip(vjp(g), ref_vjp(g)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_gelu_derivative_matches_autodiff():
+  from embed_jax.models.bert import gelu_exact
+  import flax.linen as nn
+  x = jnp.linspace(-9.0, 9.0, 2001)
+  np.testing.assert_allclose(gelu_exact(x), nn.gelu(x, approximate=False), atol=1e-7)
+  ours = jax.vmap(jax.grad(gelu_exact))(x)
+  ref = jax.vmap(jax.grad(lambda t: nn.gelu(t, approximate=False)))(x)
+  np.testing.assert_allclose(ours, ref, atol=2e-6)
+
+
+def test_dropout_keep_rate_and_independence():
+  from embed_jax.models.dropout import dropout, keep_mask
+  m = np.asarray(keep_mask(jax.random.key(3), 0.9, (999, 1001)))  # odd size: the last half-word
+  assert abs(m.mean() - 0.9) < 1e-3
+  assert abs(np.mean(m[:, 1:] & m[:, :-1]) - 0.81) < 1e-3  # neighbours (one 32-bit word) independent
+  assert keep_mask(jax.random.key(0), 1.0, (3, 4)).all()
+  x = jnp.ones((4000,))
+  y = dropout(x, 0.25, jax.random.key(1))
+  np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1 / 0.75], rtol=1e-6)
+  assert abs(float(y.mean()) - 1.0) < 0.05

@@ -13,12 +13,34 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from embed_jax.models.attention import attention
 from embed_jax.models.config import ModelConfig
+from embed_jax.models.dropout import dropout, keep_mask
+
+
+@jax.custom_jvp
+def gelu_exact(x):
+  """Exact GELU, x * Phi(x), as nn.gelu(approximate=False), with a hand-written derivative.
+
+  Autodiff of nn.gelu differentiates XLA:CPU's erfc expansion (an exp and two selects, kept as
+  residuals); the derivative Phi(x) + x * phi(x) through erf is one polynomial and one exp. The
+  primal stays nn.gelu: with erf there, XLA fuses the whole feed-forward block into one slower
+  YNNPACK call.
+  """
+  return nn.gelu(x, approximate=False)
+
+
+@gelu_exact.defjvp
+def _gelu_exact_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  cdf = 0.5 * (1.0 + jax.lax.erf(x * 0.7071067811865476))
+  pdf = 0.3989422804014327 * jnp.exp(-0.5 * x * x)
+  return gelu_exact(x), (cdf + x * pdf) * dx
 
 
 def activation(name: str):
   return {
-      "gelu": functools.partial(nn.gelu, approximate=False),
+      "gelu": gelu_exact,
       "gelu_new": functools.partial(nn.gelu, approximate=True),
       "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
       "gelu_fast": functools.partial(nn.gelu, approximate=True),
@@ -39,6 +61,13 @@ def _layer_norm(cfg: ModelConfig, name: str = "LayerNorm") -> nn.LayerNorm:
                       name=name)
 
 
+def _dropout(module: nn.Module, x, rate: float, deterministic: bool):
+  """Hidden-state dropout from the module's "dropout" rng stream (`dropout.keep_mask`)."""
+  if deterministic or rate <= 0:
+    return x
+  return dropout(x, rate, module.make_rng("dropout"))
+
+
 class DenseLayerNorm(nn.Module):
   """`dense -> dropout -> LayerNorm(x + residual)`: BertSelfOutput and BertOutput."""
   config: ModelConfig
@@ -47,7 +76,7 @@ class DenseLayerNorm(nn.Module):
   def __call__(self, x, residual, deterministic: bool):
     cfg = self.config
     x = _dense(cfg, cfg.hidden_size, "dense")(x)
-    x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    x = _dropout(self, x, cfg.hidden_dropout, deterministic)
     return _layer_norm(cfg)(x + residual).astype(cfg.dtype)
 
 
@@ -68,9 +97,11 @@ class DenseParams(nn.Module):
 class SelfAttention(nn.Module):
   """Multi-head self-attention with Hugging Face's query/key/value parameters.
 
-  Speed on CPU (benchmarks/encode.py): one fused QKV matmul, heads-major [B, N, L, D] layout for
-  the batched matmuls, and the softmax normalised after the value product (one pass fewer over
-  the [B, N, L, L] scores) were together 3.5x faster than the textbook einsum form.
+  Speed on CPU (benchmarks/encode.py, benchmarks/train_step.py): three separate projections, each
+  written heads-major [B, N, L, D] (fewer and cheaper layout copies than one fused QKV matmul,
+  above all in the backward pass), the softmax normalised after the value product, and the
+  attention core's hand-written backward (`embed_jax.models.attention`), which keeps every
+  batched matmul in YNNPACK.
   """
   config: ModelConfig
 
@@ -79,24 +110,21 @@ class SelfAttention(nn.Module):
     cfg = self.config
     b, l, h = x_BxLxH.shape
     n, d = cfg.num_heads, cfg.hidden_size // cfg.num_heads
-    (wq, bq), (wk, bk), (wv, bv) = (DenseParams(cfg, cfg.hidden_size, name=p)(h)
-                                    for p in ("query", "key", "value"))
-    scale = d ** -0.5  # folded into the query projection
-    w_Hx3H = jnp.concatenate([wq * scale, wk, wv], axis=1).astype(cfg.dtype)
-    b_3H = jnp.concatenate([bq * scale, bk, bv]).astype(cfg.dtype)
-    qkv = (jnp.dot(x_BxLxH.astype(cfg.dtype), w_Hx3H) + b_3H).reshape(b, l, 3, n, d)
-    q_BxNxLxD, k_BxNxLxD, v_BxNxLxD = qkv.transpose(2, 0, 3, 1, 4)
-    logits_BxNxLxL = jnp.matmul(q_BxNxLxD, k_BxNxLxD.swapaxes(-1, -2),
-                                preferred_element_type=jnp.float32) + bias_Bx1x1xL
-    # Softmax with the division after the value product: exp(s - max) @ v / sum(exp(s - max)).
-    max_BxNxLx1 = jax.lax.stop_gradient(jnp.max(logits_BxNxLxL, axis=-1, keepdims=True))
-    weights_BxNxLxL = jnp.exp(logits_BxNxLxL - max_BxNxLx1)
-    denom_BxNxLx1 = jnp.sum(weights_BxNxLxL, axis=-1, keepdims=True)
+    x_BxLxH = x_BxLxH.astype(cfg.dtype)
+
+    def heads(name: str, scale: float = 1.0):
+      w_HxH, b_H = DenseParams(cfg, cfg.hidden_size, name=name)(h)
+      if scale != 1.0:  # 1/sqrt(d) folded into the (small) query weights
+        w_HxH, b_H = w_HxH * scale, b_H * scale
+      y_BxLxH = jnp.dot(x_BxLxH, w_HxH.astype(cfg.dtype)) + b_H.astype(cfg.dtype)
+      return y_BxLxH.reshape(b, l, n, d).transpose(0, 2, 1, 3)
+
+    q_BxNxLxD, k_BxNxLxD, v_BxNxLxD = heads("query", d ** -0.5), heads("key"), heads("value")
+    keep, rate = None, 0.0
     if not deterministic and cfg.attention_dropout > 0:
-      # Dropout on the normalised probabilities equals dropout on the unnormalised weights here.
-      weights_BxNxLxL = nn.Dropout(cfg.attention_dropout)(weights_BxNxLxL, deterministic=False)
-    ctx_BxNxLxD = jnp.matmul(weights_BxNxLxL.astype(cfg.dtype), v_BxNxLxD,
-                             preferred_element_type=jnp.float32) / denom_BxNxLx1
+      rate = cfg.attention_dropout
+      keep = keep_mask(self.make_rng("dropout"), 1.0 - rate, (b, n, l, l))
+    ctx_BxNxLxD = attention(q_BxNxLxD, k_BxNxLxD, v_BxNxLxD, bias_Bx1x1xL, keep, rate)
     return ctx_BxNxLxD.astype(cfg.dtype).transpose(0, 2, 1, 3).reshape(b, l, n * d)
 
 
@@ -141,7 +169,7 @@ class Embeddings(nn.Module):
          + embed(cfg.max_position_embeddings, "position_embeddings")(pos_L)[None]
          + embed(cfg.type_vocab_size, "token_type_embeddings")(type_ids_BxL))
     x = _layer_norm(cfg)(x).astype(cfg.dtype)
-    return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    return _dropout(self, x, cfg.hidden_dropout, deterministic)
 
 
 class BertModel(nn.Module):
