@@ -398,6 +398,25 @@ def _setup_logging(workdir: Path) -> None:
   logger.setLevel(logging.INFO)
 
 
+def _truncate_metrics(path: Path, start: int) -> None:
+  """Drops the lines a resumed run will write again: steps taken after the checkpoint it resumes
+  from (a hard kill can leave them behind). Train lines carry the 0-based step index, dev lines the
+  number of steps done."""
+  if not path.exists():
+    return
+  from embed_jax.checkpoint import atomic_write
+  keep = []
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a line cut short by the kill
+    limit = start if "dev_ndcg@10" in row else start - 1
+    if row.get("step", -1) <= limit:
+      keep.append(line + "\n")
+  atomic_write(path, lambda f: f.writelines(keep), "w")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           devices=None, stop_after: int | None = None) -> dict:
   """Runs (or resumes) the experiment in `workdir`; returns a summary.
@@ -476,8 +495,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   if config.evals.test_at_start and start == 0 and not before.exists():
     log.info("test nDCG@10 before training %.4f", test_eval(params, before.name))
   end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+  _truncate_metrics(workdir / "metrics.jsonl", start)
   metrics_file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
-  best_params = None
   last_good = mngr.latest_step()
   from tqdm.auto import tqdm
   bar = tqdm(range(start, end), initial=start, total=total_steps, desc="train", unit="step",
@@ -514,7 +533,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           metrics_file.write(json.dumps({"step": done, "dev_ndcg@10": score}) + "\n")
           if meta["best_dev"] is None or score > meta["best_dev"]:
             meta = {"best_dev": score, "best_step": done}
-            best_params = jax.tree.map(np.asarray, host.params)
+            if config.export == "best":  # kept apart from the rolling checkpoints (keep-K)
+              export(host.params, model_config.replace(dtype="float32"), tokenizer, workdir / "best",
+                     base_model=config.model)
         save_checkpoint(mngr, host, meta)
         last_good = done
     if pending is not None:
@@ -524,7 +545,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     metrics_file.close()
     bar.close()
 
-  summary = {"workdir": str(workdir), "model": source, "steps": end, "total_steps": total_steps}
+  summary = {"workdir": str(workdir), "model": source, "steps": end, "total_steps": total_steps,
+             "steps_run": end - start}
   if end < total_steps:
     return summary  # interrupted on purpose; re-running the command resumes
 
@@ -532,10 +554,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   final = runner.get_state(state)
   params = final.params
   if config.export == "best" and meta["best_step"] is not None:
-    if best_params is None:  # best came from before a resume: restore that checkpoint
-      best_params = restore_checkpoint(mngr, runner.get_state(state), meta["best_step"])[0].params
-    params = best_params
-    log.info("exporting the best dev checkpoint (step %d)", meta["best_step"])
+    params = hf.load(workdir / "best")[1]
+    log.info("exporting the best dev model (step %d, dev nDCG@10 %.4f)", meta["best_step"],
+             meta["best_dev"])
   out_dir = export(params, model_config.replace(dtype="float32"), tokenizer, workdir / "export",
                    base_model=config.model)
   summary["export"] = str(out_dir)

@@ -177,3 +177,65 @@ def test_hardneg_smoke_mines_then_trains_from_the_cli(tiny_beir, tmp_path, capsy
   assert main(["train", "--config", f"{repo}/configs/scifact_mnrl.py", "--workdir",
                str(tmp_path / "bad"), "--config.optim.lrr=1"]) == 2
   assert "no field 'lrr'" in capsys.readouterr().err
+
+
+def test_run_killed_by_sigkill_resumes_to_the_same_params_and_metrics(tiny_beir, tmp_path):
+  """A real hard kill (SIGKILL of the CLI process after its first checkpoint), then the same
+  command again: the same final params and metrics as an uninterrupted run, no duplicate lines."""
+  import os
+  import signal
+  import subprocess
+  import time
+  repo = Path(__file__).resolve().parents[1]
+  overrides = {"max_steps": 40, "checkpoint.every_steps": 2, "evals.test_at_end": False}
+  workdir = tmp_path / "killed"
+  cmd = [sys.executable, "-m", "embed_jax.cli", "train", "--config",
+         f"{repo}/configs/scifact_mnrl.py:smoke", "--workdir", str(workdir),
+         f"--config.data.dataset={tiny_beir}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+  env = {**os.environ, "PYTHONPATH": str(repo)}
+  proc = subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 300
+  while proc.poll() is None and time.time() < deadline:
+    steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+    if steps and max(steps) >= 2:
+      break
+    time.sleep(0.01)
+  assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  from embed_jax.train import checkpoint_manager
+  killed_at = checkpoint_manager(workdir, smoke_config(tiny_beir)).latest_step()
+  assert killed_at is not None and killed_at < 40
+
+  resumed = T.train(smoke_config(tiny_beir, **overrides), workdir)
+  full = T.train(smoke_config(tiny_beir, **overrides), tmp_path / "full")
+  from embed_jax import hf
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
+               hf.load(full["export"])[1], hf.load(resumed["export"])[1])
+  rows = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+  got, want = rows(workdir), rows(tmp_path / "full")
+  assert [r["step"] for r in got] == [r["step"] for r in want]  # none written twice
+  for a, b in zip(got, want):
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_export_best_survives_keep_k_and_equals_the_best_step(tiny_beir, tmp_path):
+  """export='best' with keep=1: the best dev step's checkpoint is deleted by later saves, yet the
+  export holds exactly its params."""
+  over = {"data.dev_fraction": 0.4, "evals.dev_every_steps": 2, "export": "best",
+          "checkpoint.keep": 1, "max_steps": 8, "optim.lr": 3e-3}
+  out = T.train(smoke_config(tiny_beir, **over), tmp_path / "run")
+  dev = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+         if "dev_ndcg@10" in l]
+  best_step = max(dev, key=lambda r: (r["dev_ndcg@10"], -r["step"]))["step"]
+  # The params at best_step, from a run stopped there (same schedule: stop_after, not max_steps).
+  T.train(smoke_config(tiny_beir, **over), tmp_path / "upto", stop_after=best_step)
+  from embed_jax import hf
+  from embed_jax.train import checkpoint_manager, restore_checkpoint
+  c = smoke_config(tiny_beir, **over)
+  mngr = checkpoint_manager(tmp_path / "upto", c)
+  assert mngr.latest_step() == best_step
+  template = T.init_state(init_params(tiny_config()), T.make_optimizer(c.optim, 8)[0], 0)
+  state, meta = restore_checkpoint(mngr, template)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
+               jax.tree.map(np.asarray, state.params), hf.load(out["export"])[1])
