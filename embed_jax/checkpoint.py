@@ -73,7 +73,8 @@ def _model_card(config: ModelConfig, base_model: str | None) -> str:
 def _write_model(tmp: Path, params, config: ModelConfig, tokenizer, base_model: str | None) -> None:
   from safetensors.numpy import save_file
   state = hf.params_to_state_dict(params, config)
-  for key, value in state.items():
+  dense = hf.dense_params_to_state(params, config) if config.dense_features else {}
+  for key, value in {**state, **dense}.items():
     if value.dtype != np.int64 and not np.all(np.isfinite(value.astype(np.float32))):
       raise ValueError(f"parameter {key} has NaN or inf values; refusing to export it")
   _write_json(tmp / "config.json", hf.hf_config_dict(config))
@@ -84,10 +85,20 @@ def _write_model(tmp: Path, params, config: ModelConfig, tokenizer, base_model: 
       {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
       {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
   ]
+  if config.dense_features:
+    from embed_jax.models.config import DENSE_ACTIVATIONS
+    modules.append({"idx": 2, "name": "2", "path": "2_Dense",
+                    "type": "sentence_transformers.models.Dense"})
+    _write_json(tmp / "2_Dense" / "config.json", {
+        "in_features": config.pooled_dim, "out_features": config.dense_features,
+        "bias": config.dense_bias,
+        "activation_function": DENSE_ACTIVATIONS[config.dense_activation]})
+    save_file(dense, str(tmp / "2_Dense" / "model.safetensors"), metadata={"format": "pt"})
   if config.normalize:
-    modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+    n = len(modules)
+    modules.append({"idx": n, "name": str(n), "path": f"{n}_Normalize",
                     "type": "sentence_transformers.models.Normalize"})
-    (tmp / "2_Normalize").mkdir()
+    (tmp / f"{n}_Normalize").mkdir()
   _write_json(tmp / "modules.json", modules)
   # The legacy key format: every sentence-transformers version reads it.
   pool = {"word_embedding_dimension": config.hidden_size}

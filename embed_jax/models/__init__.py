@@ -18,7 +18,7 @@ def supported_architectures() -> tuple[str, ...]:
 
 
 class SentenceEncoder(nn.Module):
-  """Transformer -> Pooling -> [Normalize], the sentence-transformers pipeline, as one module.
+  """Transformer -> Pooling -> [Dense] -> [Normalize], the sentence-transformers pipeline.
 
   `__call__` returns the sentence embedding [B, E]; `encode_tokens` returns token states.
   """
@@ -29,17 +29,39 @@ class SentenceEncoder(nn.Module):
       raise ValueError(f"architecture {self.config.architecture!r} is not supported; "
                        f"supported: {', '.join(supported_architectures())}")
     self.encoder = ENCODERS[self.config.architecture](self.config)
+    cfg = self.config
+    if cfg.dense_features:
+      self.dense = nn.Dense(cfg.dense_features, use_bias=cfg.dense_bias, dtype=jnp.float32,
+                            param_dtype=cfg.param_dtype)
 
   def encode_tokens(self, ids_BxL, mask_BxL, *, deterministic: bool = True, all_layers: bool = False):
     return self.encoder(ids_BxL, mask_BxL, deterministic=deterministic, all_layers=all_layers)
 
+  def head(self, pooled_BxP: jnp.ndarray) -> jnp.ndarray:
+    """The modules after pooling, before Normalize: the Dense head when the model has one."""
+    if not self.config.dense_features:
+      return pooled_BxP
+    out_BxE = self.dense(pooled_BxP)
+    return jnp.tanh(out_BxE) if self.config.dense_activation == "tanh" else out_BxE
+
   def __call__(self, ids_BxL, mask_BxL, *, deterministic: bool = True,
                normalize: bool | None = None) -> jnp.ndarray:
-    """normalize: None follows the model's modules.json; False gives the raw pooled vector."""
+    """normalize: None follows the model's modules.json; False gives the raw (pooled, Dense)
+    vector."""
     hidden_BxLxH = self.encode_tokens(ids_BxL, mask_BxL, deterministic=deterministic)
-    emb_BxE = pool(hidden_BxLxH, mask_BxL, self.config.pooling)
+    emb_BxE = self.head(pool(hidden_BxLxH, mask_BxL, self.config.pooling))
     unit = self.config.normalize if normalize is None else normalize
     return l2_normalize(emb_BxE) if unit else emb_BxE
+
+
+  def embed_layers(self, ids_BxL, mask_BxL, layers: tuple[int, ...], *,
+                   deterministic: bool = True) -> jnp.ndarray:
+    """Raw (unnormalised) embeddings [B, 1 + K, E]: after the last layer (index 0), then after
+    each of `layers` (1-based layer counts), each pooled and through the Dense head. One forward
+    pass; 2D Matryoshka (sentence-transformers' Matryoshka2dLoss) trains on all of them."""
+    states = self.encode_tokens(ids_BxL, mask_BxL, deterministic=deterministic, all_layers=True)
+    picks = [states[-1]] + [states[i] for i in layers]
+    return jnp.stack([self.head(pool(h, mask_BxL, self.config.pooling)) for h in picks], axis=1)
 
 
 def abstract_params(config: ModelConfig) -> dict:

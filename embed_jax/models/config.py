@@ -8,6 +8,9 @@ from typing import Any
 import jax.numpy as jnp
 
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "lasttoken")  # concatenation order
+# Dense head activations: ours -> the torch class sentence-transformers' Dense config names.
+DENSE_ACTIVATIONS = {"identity": "torch.nn.modules.linear.Identity",
+                     "tanh": "torch.nn.modules.activation.Tanh"}
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
 
 
@@ -36,6 +39,9 @@ class ModelConfig:
   position_ids_buffer: bool = False  # write `embeddings.position_ids` on export (old checkpoints have it)
   # sentence-transformers pipeline: Transformer -> Pooling -> [Normalize]
   pooling: tuple[str, ...] = ("mean",)
+  dense_features: int = 0  # > 0: a Dense head after pooling (sentence-transformers' Dense module)
+  dense_activation: str = "identity"  # identity | tanh (torch.nn.Identity / torch.nn.Tanh)
+  dense_bias: bool = True
   normalize: bool = True
   max_seq_length: int = 256  # tokens, [CLS] and [SEP] included; longer texts are truncated
   do_lower_case: bool = False  # lower-case before tokenising (sentence_bert_config.json)
@@ -53,6 +59,9 @@ class ModelConfig:
       raise ValueError(f"pooling modes {list(self.pooling)} not supported; choose from {POOLING_MODES}")
     if self.hidden_act not in ACTIVATIONS:
       raise ValueError(f"hidden_act {self.hidden_act!r} not supported; choose from {ACTIVATIONS}")
+    if self.dense_features < 0 or self.dense_activation not in DENSE_ACTIVATIONS:
+      raise ValueError(f"Dense head: out_features {self.dense_features} must be >= 0 and the "
+                       f"activation one of {sorted(DENSE_ACTIVATIONS)}, got {self.dense_activation!r}")
     if not 0 < self.max_seq_length <= self.max_position_embeddings:
       raise ValueError(
           f"max_seq_length {self.max_seq_length} must be in 1..max_position_embeddings "
@@ -64,8 +73,12 @@ class ModelConfig:
         raise ValueError(f"{name}={getattr(self, name)!r} is not a dtype (use float32 or bfloat16)") from e
 
   @property
-  def embedding_dim(self) -> int:
+  def pooled_dim(self) -> int:
     return self.hidden_size * len(self.pooling)
+
+  @property
+  def embedding_dim(self) -> int:
+    return self.dense_features or self.pooled_dim
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
