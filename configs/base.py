@@ -47,6 +47,31 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.symmetric = False  # also rank queries given each positive
   c.loss.margin = 0.5  # triplet margin
 
+  # Matryoshka (embed_jax.losses.matryoshka): the loss on each prefix of the embedding.
+  c.matryoshka = ml_collections.ConfigDict()
+  c.matryoshka.dims = ()  # e.g. (384, 256, 128, 64, 32), any order, each <= the model dim; () = off
+  c.matryoshka.weights = ()  # one per dim; () = all 1.0
+  # 2D Matryoshka: the loss also on the pooled output after these layers (1-based counts, each
+  # < the model's layers), as sentence-transformers' Matryoshka2dLoss (without its KL term).
+  c.matryoshka.layers = ()
+  c.matryoshka.layer_weight = 1.0  # weight of the mean of the earlier layers' losses
+  # Prefix self-distillation on unlabelled texts (losses.prefix_self_distillation): each step also
+  # embeds a batch of corpus texts and pulls each prefix's similarities toward the full ones.
+  c.matryoshka.self_distill = ml_collections.ConfigDict()
+  c.matryoshka.self_distill.weight = 0.0  # > 0 turns it on (needs matryoshka.dims)
+  c.matryoshka.self_distill.batch_size = 64  # texts per step, global; a multiple of the devices
+  c.matryoshka.self_distill.texts = "corpus"  # corpus | corpus+queries (all of the dataset's)
+  c.matryoshka.self_distill.target = "current"  # current (stop-gradient) | initial (frozen start)
+  c.matryoshka.self_distill.pairwise = 1.0  # weight of the all-pairs similarity term
+  c.matryoshka.self_distill.topk = 1.0  # weight of the k-nearest-neighbour term
+  c.matryoshka.self_distill.k = 8  # neighbours per text in the batch
+
+  # A learned linear projection after pooling (a sentence-transformers Dense module, exported):
+  # the fixed-feature (FF) baseline of the MRL paper trains one model per dim with it.
+  c.projection = ml_collections.ConfigDict()
+  c.projection.dim = 0  # output dims; 0 = none (a model that already has a Dense head keeps it)
+  c.projection.init = "prefix"  # prefix (starts as truncation to the first dim dims) | random
+
   c.batch_size = 32  # global, across devices; must divide by the device count
   c.num_epochs = 3
   c.max_steps = 0  # > 0 stops early (smoke runs, budgets)

@@ -13,6 +13,8 @@ embeddings; tests/test_losses.py checks it.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -190,3 +192,86 @@ def cosent(e1_BxD: Array, e2_BxD: Array, labels_B: Array, *, scale: float = 20.0
   # The leading 0 is the 1 in log(1 + ...); it also keeps the sum finite when no pair is ordered.
   terms = jnp.concatenate([jnp.zeros((1,), jnp.float32), terms])
   return jax.nn.logsumexp(terms).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Matryoshka: one forward pass, the loss on each prefix of the embeddings.
+# ----------------------------------------------------------------------------------------------
+
+
+def check_matryoshka_dims(dims, model_dim: int, weights=()) -> tuple[int, ...]:
+  """Validated Matryoshka dims (any order; returned largest first) or a ValueError naming the
+  problem: each an integer in 1..model_dim, no repeats, and one weight per dim if weights given."""
+  dims = tuple(dims)
+  bad = [d for d in dims if not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= model_dim]
+  if bad:
+    raise ValueError(f"matryoshka dims {list(bad)} are not integers in 1..{model_dim} (the "
+                     f"model's embedding dimension)")
+  if len(set(dims)) != len(dims):
+    raise ValueError(f"matryoshka dims {list(dims)} repeat a value")
+  if weights and len(weights) != len(dims):
+    raise ValueError(f"{len(weights)} matryoshka weights for {len(dims)} dims: give one per dim "
+                     f"(or none for all 1)")
+  return dims
+
+
+def matryoshka_terms(loss: Callable, dims, *embs, **kwargs) -> list[Array]:
+  """[loss(*prefixes of embs at d), for d in dims]: positional arguments are embeddings (None
+  stays None) and are cut to their first d dims; keyword arguments pass through. Every loss here
+  L2-normalises its inputs, so each prefix is re-normalised as a truncated embedding would be."""
+  full = next(e.shape[-1] for e in embs if e is not None)
+  check_matryoshka_dims(dims, full)
+  return [loss(*(None if e is None else e[..., :d] for e in embs), **kwargs) for d in dims]
+
+
+def matryoshka(loss: Callable, dims, weights=()) -> Callable:
+  """Wraps an embedding loss: sum over d in dims of weight_d * loss(embeddings[..., :d]), from
+  one forward pass (as sentence-transformers' MatryoshkaLoss; weights default to 1)."""
+  weights = tuple(weights) or (1.0,) * len(tuple(dims))
+  check_matryoshka_dims(dims, max(dims), weights)
+
+  def wrapped(*embs, **kwargs):
+    terms = matryoshka_terms(loss, dims, *embs, **kwargs)
+    return sum(w * t for w, t in zip(weights, terms))
+
+  return wrapped
+
+
+def _cosine_matrix(x_BxD: Array) -> Array:
+  x_BxD = unit(x_BxD)
+  return jnp.matmul(x_BxD, x_BxD.T, precision=_HIGHEST)
+
+
+def prefix_self_distillation(e_BxD: Array, dims, *, target_BxD: Array | None = None,
+                             pairwise: float = 1.0, topk: float = 1.0, k: int = 8,
+                             valid_B: Array | None = None) -> Array:
+  """Matryoshka self-distillation on unlabelled texts (after Matryoshka-Adaptor, Yoon et al.
+  2024): for each prefix d, the cosine similarities among the batch's texts at d dims are pulled
+  toward those of the full embedding. No labels are needed.
+
+  target_BxD: the full embeddings to match (a frozen model's, precomputed); None uses the
+    current full embedding under stop_gradient.
+  pairwise: weight of the mean |S_d - S| over all pairs of distinct valid texts.
+  topk: weight of the same over each text's k nearest neighbours under the target (the pairs a
+    search ranks first).
+  Returns the sum over dims of the weighted terms (a prefix equal to the target contributes 0).
+  """
+  batch = e_BxD.shape[0]
+  valid_B = _rows_valid(valid_B, batch)
+  e_BxD = _zero_invalid(e_BxD, valid_B)
+  target_BxD = jax.lax.stop_gradient(e_BxD if target_BxD is None else
+                                     _zero_invalid(jnp.asarray(target_BxD, jnp.float32), valid_B))
+  target_BxB = _cosine_matrix(target_BxD)
+  pair_ok_BxB = valid_B[:, None] & valid_B[None, :] & ~jnp.eye(batch, dtype=bool)
+  # Each row's k nearest valid neighbours under the target (k is capped by the batch).
+  k = min(k, batch - 1)
+  ranked_BxB = jnp.where(pair_ok_BxB, target_BxB, -jnp.inf)
+  kth_Bx1 = jax.lax.top_k(ranked_BxB, k)[0][:, -1:] if k > 0 else jnp.full((batch, 1), jnp.inf)
+  near_BxB = pair_ok_BxB & (ranked_BxB >= kth_Bx1)
+  total = jnp.zeros((), jnp.float32)
+  for d in check_matryoshka_dims(dims, e_BxD.shape[-1]):
+    gap_BxB = jnp.abs(_cosine_matrix(e_BxD[:, :d]) - target_BxB)
+    for weight, ok_BxB in ((pairwise, pair_ok_BxB), (topk, near_BxB)):
+      if weight:
+        total += weight * jnp.sum(jnp.where(ok_BxB, gap_BxB, 0.0)) / jnp.maximum(jnp.sum(ok_BxB), 1)
+  return total

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from embed_jax import hf, losses
 from embed_jax.embedder import Embedder, load_tokenizer
+from embed_jax.data.pairs import MergedLoader
 from embed_jax.models import SentenceEncoder
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,55 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
       problems.append(f"{key}={value!r} does not exist")
   if config.data.num_negatives and not config.data.negatives:
     problems.append("data.num_negatives > 0 needs data.negatives (a file from `embed-jax mine`)")
+  problems += _matryoshka_problems(config, num_devices)
   if problems:
     raise ValueError("bad config:\n  " + "\n  ".join(problems))
+
+
+def _matryoshka_problems(config, num_devices: int) -> list[str]:
+  mrl, sd, proj = config.matryoshka, config.matryoshka.self_distill, config.projection
+  problems = []
+  if mrl.weights and len(mrl.weights) != len(mrl.dims):
+    problems.append(f"matryoshka.weights has {len(mrl.weights)} values for {len(mrl.dims)} dims")
+  if any(not isinstance(i, int) or i < 1 for i in mrl.layers):
+    problems.append(f"matryoshka.layers={tuple(mrl.layers)}: 1-based layer counts, each >= 1")
+  if mrl.layer_weight < 0 or sd.weight < 0:
+    problems.append("matryoshka.layer_weight and matryoshka.self_distill.weight must be >= 0")
+  if sd.weight > 0:
+    if not mrl.dims:
+      problems.append("matryoshka.self_distill.weight > 0 needs matryoshka.dims")
+    if sd.target not in ("current", "initial"):
+      problems.append(f"matryoshka.self_distill.target={sd.target!r}: choose current or initial")
+    if sd.texts not in ("corpus", "corpus+queries"):
+      problems.append(f"matryoshka.self_distill.texts={sd.texts!r}: choose corpus or corpus+queries")
+    if sd.batch_size < 2 or sd.batch_size % num_devices:
+      problems.append(f"matryoshka.self_distill.batch_size={sd.batch_size} must be >= 2 and a "
+                      f"multiple of the {num_devices} devices")
+    chunk, per_device = config.train.grad_cache_chunk, config.batch_size // num_devices
+    if chunk > 0 and per_device % chunk == 0:  # (other chunk values are refused above)
+      n_chunks = per_device // chunk
+      if (sd.batch_size // num_devices) % n_chunks:
+        problems.append(f"matryoshka.self_distill.batch_size={sd.batch_size} must split into the "
+                        f"{n_chunks} gradient-caching chunks per device")
+    if sd.k < 1:
+      problems.append(f"matryoshka.self_distill.k={sd.k} must be >= 1")
+  if proj.dim < 0 or proj.init not in ("prefix", "random"):
+    problems.append(f"projection.dim={proj.dim} must be >= 0 and projection.init={proj.init!r} "
+                    f"prefix or random")
+  return problems
+
+
+def check_model_fit(config, model_config) -> None:
+  """The checks that need the model's shape (after loading it, before any compute)."""
+  mrl = config.matryoshka
+  try:
+    losses.check_matryoshka_dims(tuple(mrl.dims), model_config.embedding_dim, tuple(mrl.weights))
+  except ValueError as e:
+    raise ValueError(f"bad config: {e}") from None
+  bad = [i for i in mrl.layers if i >= model_config.num_layers]
+  if bad:
+    raise ValueError(f"bad config: matryoshka.layers {bad} must be < the model's "
+                     f"{model_config.num_layers} layers (the last layer is always trained)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,34 +173,97 @@ def init_state(params, tx, seed: int) -> TrainState:
 # The step: encode the batch, the loss over the (global) batch, AdamW.
 # ----------------------------------------------------------------------------------------------
 
-BATCH_INDEX_KEYS = ("query_B", "pos_doc_B", "neg_doc_BxN", "valid_B")
+def text_groups(batch) -> dict[str, tuple[str, str]]:
+  """The batch's text groups: name -> (ids key, mask key). A group `g` is the int32 arrays
+  `g_ids_<shape>` and `g_mask_<shape>` [..., L]: q (queries), p (positives), n (hard negatives
+  [B, N, L]), u (unlabelled texts for self-distillation). Every other key is a loss input."""
+  out = {}
+  for key in batch:
+    name, sep, shape = key.partition("_ids_")
+    if sep:
+      out[name] = (key, f"{name}_mask_{shape}")
+  return dict(sorted(out.items()))
 
 
-def encode_pairs(module: SentenceEncoder, params, batch, rng, train: bool):
-  """Embeds queries, positives and negatives of a (local) batch -> (q_BxD, p_BxD, n_BxNxD|None)."""
-  def emb(ids, mask, salt):
-    kw = {"rngs": {"dropout": jax.random.fold_in(rng, salt)}} if train else {}
-    return module.apply({"params": params}, ids, mask, deterministic=not train, normalize=False, **kw)
-
-  q = emb(batch["q_ids_BxLq"], batch["q_mask_BxLq"], 0)
-  p = emb(batch["p_ids_BxLd"], batch["p_mask_BxLd"], 1)
-  n = None
-  if "n_ids_BxNxLd" in batch:
-    b, k, l = batch["n_ids_BxNxLd"].shape
-    n = emb(batch["n_ids_BxNxLd"].reshape(b * k, l), batch["n_mask_BxNxLd"].reshape(b * k, l), 2)
-    n = n.reshape(b, k, -1)
-  return q, p, n
+_SALTS = {"q": 0, "p": 1, "n": 2}  # kept from the first release: results stay reproducible
 
 
-def loss_on_embeddings(loss_cfg, q, p, n, ids) -> jnp.ndarray:
-  """The configured loss over a batch's embeddings; `ids` are the batch's index arrays."""
-  if loss_cfg.name == "mnrl":
-    return losses.mnrl(q, p, n, scale=loss_cfg.scale, symmetric=loss_cfg.symmetric,
-                       valid_B=ids["valid_B"], p_ids_B=ids["pos_doc_B"],
-                       neg_ids_BxN=ids.get("neg_doc_BxN"), q_ids_B=ids["query_B"])
-  if loss_cfg.name == "triplet":
-    return losses.triplet(q, p, n[:, 0], margin=loss_cfg.margin, valid_B=ids["valid_B"])
-  raise ValueError(f"unknown loss {loss_cfg.name!r}")
+def _salt(name: str) -> int:
+  """A group's dropout stream is fold_in(rng, salt)."""
+  return _SALTS.get(name, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def embed_groups(module: SentenceEncoder, params, batch, rng, train: bool,
+                 layers: tuple[int, ...] = ()) -> dict:
+  """Raw embeddings of every text group: [..., E], or [..., 1 + K, E] with earlier `layers`."""
+  out = {}
+  for name, (ids_key, mask_key) in text_groups(batch).items():
+    ids, mask = batch[ids_key], batch[mask_key]
+    kw = {"rngs": {"dropout": jax.random.fold_in(rng, _salt(name))}} if train else {}
+    flat = (ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1]))
+    if layers:
+      e = module.apply({"params": params}, *flat, layers, deterministic=not train,
+                       method=SentenceEncoder.embed_layers, **kw)
+    else:
+      e = module.apply({"params": params}, *flat, deterministic=not train, normalize=False, **kw)
+    out[name] = e.reshape(*ids.shape[:-1], *e.shape[1:])
+  return out
+
+
+def _pair_loss_fn(config) -> Callable:
+  """loss(q, p, n, arrays) -> scalar: the configured pair loss, Matryoshka-wrapped if dims."""
+  cfg = config.loss
+
+  def base(q, p, n, *, arrays):
+    if cfg.name == "mnrl":
+      return losses.mnrl(q, p, n, scale=cfg.scale, symmetric=cfg.symmetric,
+                         valid_B=arrays["valid_B"], p_ids_B=arrays["pos_doc_B"],
+                         neg_ids_BxN=arrays.get("neg_doc_BxN"), q_ids_B=arrays["query_B"])
+    if cfg.name == "triplet":
+      return losses.triplet(q, p, n[:, 0], margin=cfg.margin, valid_B=arrays["valid_B"])
+    raise ValueError(f"unknown loss {cfg.name!r}")
+
+  return base
+
+
+def make_loss(config) -> Callable:
+  """loss(embs, arrays) -> (scalar, aux metrics): the pairs loss over each Matryoshka prefix and
+  each extra layer, plus the weighted prefix self-distillation on unlabelled texts."""
+  mrl = config.matryoshka
+  dims, weights = tuple(mrl.dims), tuple(mrl.weights) or (1.0,) * len(mrl.dims)
+  layers = tuple(mrl.layers)
+  sd = mrl.self_distill
+  base = _pair_loss_fn(config)
+
+  def pair_loss(q, p, n, arrays, aux, tag):
+    if not dims:
+      return base(q, p, n, arrays=arrays)
+    terms = losses.matryoshka_terms(base, dims, q, p, n, arrays=arrays)
+    for d, t in zip(dims, terms):
+      aux[f"{config.loss.name}@{d}{tag}"] = t
+    return sum(w * t for w, t in zip(weights, terms))
+
+  def loss_fn(embs, arrays):
+    aux = {}
+    q, p, n = embs["q"], embs["p"], embs.get("n")
+    if not layers:
+      total = pair_loss(q, p, n, arrays, aux, "")
+    else:  # index 0 is the last layer; the earlier layers' losses are averaged, then weighted
+      at = lambda x, j: None if x is None else x[..., j, :]  # noqa: E731
+      total = pair_loss(at(q, 0), at(p, 0), at(n, 0), arrays, aux, "")
+      prior = [pair_loss(at(q, j), at(p, j), at(n, j), arrays, aux, f"/layer{layer}")
+               for j, layer in enumerate(layers, 1)]
+      total = total + mrl.layer_weight * sum(prior) / len(prior)
+    if sd.weight:
+      u = embs["u"][:, 0] if layers else embs["u"]
+      aux["pairs_loss"] = total
+      aux["self_distill_loss"] = losses.prefix_self_distillation(
+          u, dims, target_BxD=arrays.get("u_target_BxD"), pairwise=sd.pairwise, topk=sd.topk,
+          k=sd.k, valid_B=arrays["u_valid_B"])
+      total = total + sd.weight * aux["self_distill_loss"]
+    return total, aux
+
+  return loss_fn
 
 
 def _gather(tree, axis_name):
@@ -166,50 +278,57 @@ def make_train_step(module: SentenceEncoder, config: ml_collections.ConfigDict, 
   """step(state, batch) -> (state, metrics): pure; jit it, pmap it (axis_name), or call it."""
   train = bool(config.dropout)
   chunk = int(config.train.grad_cache_chunk)
+  layers = tuple(config.matryoshka.layers)
+  loss_fn = make_loss(config)
 
-  def ids_of(batch):
-    return {k: batch[k] for k in BATCH_INDEX_KEYS if k in batch}
+  def split(batch):
+    text_keys = {k for pair in text_groups(batch).values() for k in pair}
+    return ({k: v for k, v in batch.items() if k in text_keys},
+            {k: v for k, v in batch.items() if k not in text_keys})
 
-  def loss_from_local_embeddings(embs, ids):
-    q, p, n = _gather(embs, axis_name)
-    return loss_on_embeddings(config.loss, q, p, n, _gather(ids, axis_name))
+  def loss_from_local_embeddings(embs, arrays):
+    return loss_fn(_gather(embs, axis_name), _gather(arrays, axis_name))
 
   def plain_grads(params, batch, rng):
-    def loss_fn(params):
+    text, arrays = split(batch)
+
+    def loss_of_params(params):
       # The whole batch is chunk 0: the same dropout draw as gradient caching with one chunk.
-      key = jax.random.fold_in(rng, 0)
-      return loss_from_local_embeddings(encode_pairs(module, params, batch, key, train), ids_of(batch))
-    return jax.value_and_grad(loss_fn)(params)
+      embs = embed_groups(module, params, text, jax.random.fold_in(rng, 0), train, layers)
+      return loss_from_local_embeddings(embs, arrays)
+    return jax.value_and_grad(loss_of_params, has_aux=True)(params)
 
   def cached_grads(params, batch, rng):
     """Gradient caching: embed every chunk without gradients, take the loss gradient w.r.t. the
-    embeddings, then back-propagate chunk by chunk. Peak memory grows with the chunk only."""
-    text = {k: v for k, v in batch.items() if k not in BATCH_INDEX_KEYS}
-    b = text["q_ids_BxLq"].shape[0]
-    chunks = jax.tree.map(lambda x: x.reshape(b // chunk, chunk, *x.shape[1:]), text)
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(b // chunk))
+    embeddings, then back-propagate chunk by chunk. Peak memory grows with the chunk only. Every
+    text group is cut into the same number of chunks (the pairs' batch / chunk)."""
+    text, arrays = split(batch)
+    n_chunks = text["q_ids_BxLq"].shape[0] // chunk
+    chunked = lambda x: x.reshape(n_chunks, x.shape[0] // n_chunks, *x.shape[1:])  # noqa: E731
+    chunks = jax.tree.map(chunked, text)
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n_chunks))
 
-    def embed_chunk(params, chunk_batch, key):  # the same key in both passes: same dropout
-      return encode_pairs(module, params, chunk_batch, key, train)
+    def embed_chunk(params, chunk_text, key):  # the same key in both passes: same dropout
+      return embed_groups(module, params, chunk_text, key, train, layers)
 
     embs = jax.lax.map(lambda a: embed_chunk(jax.lax.stop_gradient(params), *a), (chunks, keys))
-    embs = jax.tree.map(lambda x: x.reshape(b, *x.shape[2:]), embs)
-    loss, emb_grads = jax.value_and_grad(loss_from_local_embeddings)(embs, ids_of(batch))
-    emb_grads = jax.tree.map(lambda g: g.reshape(b // chunk, chunk, *g.shape[1:]), emb_grads)
+    embs = jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), embs)
+    (loss, aux), emb_grads = jax.value_and_grad(loss_from_local_embeddings, has_aux=True)(embs, arrays)
+    emb_grads = jax.tree.map(chunked, emb_grads)
 
     def backward(acc, a):
-      chunk_batch, key, g = a
-      _, vjp = jax.vjp(lambda p: embed_chunk(p, chunk_batch, key), params)
+      chunk_text, key, g = a
+      _, vjp = jax.vjp(lambda p: embed_chunk(p, chunk_text, key), params)
       return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
 
     grads, _ = jax.lax.scan(backward, jax.tree.map(jnp.zeros_like, params), (chunks, keys, emb_grads))
-    return loss, grads
+    return (loss, aux), grads
 
   def step(state: TrainState, batch) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if axis_name is not None:  # a different dropout draw on each device's shard
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    loss, grads = (cached_grads if chunk else plain_grads)(state.params, batch, rng)
+    (loss, aux), grads = (cached_grads if chunk else plain_grads)(state.params, batch, rng)
     if axis_name is not None:
       # Every device computed the global loss; each gradient holds its own shard's path (times
       # the device count, from all_gather's transpose), so the mean is the full gradient.
@@ -217,7 +336,7 @@ def make_train_step(module: SentenceEncoder, config: ml_collections.ConfigDict, 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "lr": schedule(state.step), "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates)}
+               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates), **aux}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return step
@@ -328,7 +447,52 @@ def load_model(config, workdir: Path):
       log.warning("init %s has a different config from %s; using the init's", config.init, source)
       model_config = init_config
     folder, source = Path(config.init), config.init
+  if config.projection.dim and not model_config.dense_features:
+    model_config, params = add_projection(model_config, params, config.projection.dim,
+                                          config.projection.init, config.seed)
   return model_config, params, load_tokenizer(folder), source
+
+
+def add_projection(model_config, params, dim: int, init: str, seed: int):
+  """A linear Dense head (pooled -> dim) on a model without one. `prefix` starts it as the
+  truncation to the first `dim` dims (identity columns), `random` as N(0, 1/pooled_dim)."""
+  pooled = model_config.pooled_dim
+  if init == "prefix":
+    if dim > pooled:
+      raise ValueError(f"bad config: projection.init='prefix' needs projection.dim <= {pooled}")
+    kernel = np.eye(pooled, dim, dtype=np.float32)
+  else:
+    kernel = np.random.default_rng(seed).normal(0, pooled ** -0.5, (pooled, dim)).astype(np.float32)
+  params = {**params, "dense": {"kernel": kernel, "bias": np.zeros(dim, np.float32)}}
+  return model_config.replace(dense_features=dim, dense_activation="identity", dense_bias=True), params
+
+
+def self_distill_loader(config, dataset, tokenizer, model_config, start: Embedder, workdir: Path):
+  """Unlabelled texts for prefix self-distillation; with target='initial', the starting model's
+  embeddings of them (computed once, kept in <workdir>/self_distill_targets.npy)."""
+  from embed_jax.checkpoint import atomic_write
+  from embed_jax.data.pairs import TextLoader
+  sd = config.matryoshka.self_distill
+  texts = dataset.corpus_texts(" ")
+  if sd.texts == "corpus+queries":
+    texts = texts + list(dataset.queries.values())
+  targets = None
+  if sd.target == "initial":
+    path = workdir / "self_distill_targets.npy"
+    if path.exists() and np.load(path, mmap_mode="r").shape[0] == len(texts):
+      targets = np.load(path)
+    else:
+      log.info("encoding %d texts with the starting model (self-distillation targets)", len(texts))
+      targets = start.encode(texts, batch_size=config.evals.batch_size, normalize=True)
+      atomic_write(path, lambda f: np.save(f, targets))
+  lower = model_config.do_lower_case
+  tokens = tokenizer([t.lower() if lower else t for t in texts], truncation=True,
+                     max_length=config.max_seq_length)["input_ids"]
+  log.info("self-distillation: %d unlabelled texts, %d per step, target %s", len(texts),
+           sd.batch_size, sd.target)
+  return TextLoader(tokens, batch_size=sd.batch_size, seed=config.seed,
+                    max_len=config.max_seq_length, pad_id=model_config.pad_token_id,
+                    targets_NxD=targets)
 
 
 def mine_if_missing(config, dataset, embedder: Embedder) -> None:
@@ -436,6 +600,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
   # ---- model and data ----
   model_config, params, tokenizer, source = load_model(config, workdir)
+  check_model_fit(config, model_config)
   if not config.dropout:
     model_config = model_config.replace(hidden_dropout=0.0, attention_dropout=0.0)
   module = SentenceEncoder(model_config)
@@ -447,6 +612,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   dataset = load_beir(config.data.dataset, data_dir=config.data.data_dir or None)
   mine_if_missing(config, dataset, embedder(params))
   loader, dev_qrels = load_data(config, dataset, tokenizer, model_config)
+  if config.matryoshka.self_distill.weight:
+    loader = MergedLoader(loader, self_distill_loader(config, dataset, tokenizer, model_config,
+                                                      embedder(params), workdir))
   total_steps = loader.steps_per_epoch * config.num_epochs
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps) if config.num_epochs > 0 else config.max_steps
@@ -459,6 +627,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   state = init_state(params, tx, config.seed)
   mngr = checkpoint_manager(workdir, config)
   meta = {"best_dev": None, "best_step": None}
+  # The exported model card and config name the Matryoshka dims the model was trained for.
+  export_config = model_config.replace(dtype="float32", matryoshka_dims=tuple(
+      sorted(config.matryoshka.dims, reverse=True)) or model_config.matryoshka_dims)
   if mngr.latest_step() is not None:
     state, meta = restore_checkpoint(mngr, state)
     log.info("resuming %s from step %d", workdir, int(state.step))
@@ -482,8 +653,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                                       batch_size=config.evals.batch_size)
     return out["results"][0]["metrics"]["ndcg@10"]
 
+  eval_dims = sorted({model_config.embedding_dim, *config.matryoshka.dims}, reverse=True)
+
   def test_eval(params, name: str) -> float:
-    results = evaluate.evaluate_retrieval(embedder(params), dataset, "test",
+    results = evaluate.evaluate_retrieval(embedder(params), dataset, "test", dims=eval_dims,
                                           batch_size=config.evals.batch_size)
     results["settings"]["config"] = json.loads(config.to_json_best_effort())
     atomic_write(workdir / name, lambda f: f.write(json.dumps(results, indent=2) + "\n"), "w")
@@ -534,8 +707,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           if meta["best_dev"] is None or score > meta["best_dev"]:
             meta = {"best_dev": score, "best_step": done}
             if config.export == "best":  # kept apart from the rolling checkpoints (keep-K)
-              export(host.params, model_config.replace(dtype="float32"), tokenizer, workdir / "best",
-                     base_model=config.model)
+              export(host.params, export_config, tokenizer, workdir / "best", base_model=config.model)
         save_checkpoint(mngr, host, meta)
         last_good = done
     if pending is not None:
@@ -557,8 +729,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     params = hf.load(workdir / "best")[1]
     log.info("exporting the best dev model (step %d, dev nDCG@10 %.4f)", meta["best_step"],
              meta["best_dev"])
-  out_dir = export(params, model_config.replace(dtype="float32"), tokenizer, workdir / "export",
-                   base_model=config.model)
+  out_dir = export(params, export_config, tokenizer, workdir / "export", base_model=config.model)
   summary["export"] = str(out_dir)
   if before.exists():
     summary["test_ndcg@10_before"] = json.loads(before.read_text())["results"][0]["metrics"]["ndcg@10"]

@@ -123,3 +123,52 @@ class PairLoader:
       out["n_ids_BxNxLd"], out["n_mask_BxNxLd"] = ids.reshape(b, n, ld), mask.reshape(b, n, ld)
     out.update(query_B=query_B, pos_doc_B=pos_B, neg_doc_BxN=neg_BxN, valid_B=valid)
     return out
+
+
+class TextLoader:
+  """batch(step) -> unlabelled texts for self-distillation: u_ids_BxLu, u_mask_BxLu, u_valid_B
+  and, when `targets_NxD` is given (a frozen model's embeddings of the same texts), u_target_BxD.
+
+  Always full batches: an epoch is a (seed, epoch) permutation of the texts cut into
+  len // batch_size batches (the remainder waits for the next epoch's order), independent of the
+  pairs' epochs; the batch of a step is a function of the step alone, as for PairLoader.
+  """
+
+  def __init__(self, tokens: list[list[int]], *, batch_size: int, seed: int, max_len: int,
+               pad_id: int = 0, targets_NxD: np.ndarray | None = None):
+    if len(tokens) < batch_size:
+      raise ValueError(f"{len(tokens)} unlabelled texts do not fill one batch of {batch_size}")
+    if targets_NxD is not None and len(targets_NxD) != len(tokens):
+      raise ValueError(f"{len(targets_NxD)} target vectors for {len(tokens)} texts")
+    self.tokens, self.batch_size, self.seed = tokens, batch_size, seed
+    self.buckets, self.pad_id, self.targets = length_buckets(max_len), pad_id, targets_NxD
+    self.steps_per_epoch = len(tokens) // batch_size
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    epoch, i = divmod(step, self.steps_per_epoch)
+    order = np.random.default_rng([self.seed, epoch, 2]).permutation(len(self.tokens))
+    rows = order[i * self.batch_size:(i + 1) * self.batch_size]
+    seqs = [self.tokens[r] for r in rows]
+    length = bucket_for(max(map(len, seqs)), self.buckets)
+    ids = np.full((len(seqs), length), self.pad_id, np.int32)
+    mask = np.zeros((len(seqs), length), np.int32)
+    for r, s in enumerate(seqs):
+      ids[r, :len(s)], mask[r, :len(s)] = s, 1
+    out = {"u_ids_BxLu": ids, "u_mask_BxLu": mask, "u_valid_B": np.ones(len(seqs), bool)}
+    if self.targets is not None:
+      out["u_target_BxD"] = self.targets[rows].astype(np.float32)
+    return out
+
+
+class MergedLoader:
+  """The batches of several loaders merged into one dict; epochs count the first loader's."""
+
+  def __init__(self, *loaders):
+    self.loaders = loaders
+    self.steps_per_epoch = loaders[0].steps_per_epoch
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    out = {}
+    for loader in self.loaders:
+      out.update(loader.batch(step))
+    return out
