@@ -14,38 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments.common import RESULTS, run_config  # noqa: E402
 from experiments.st_check import st_evaluate  # noqa: E402
 
-OUT = REPO / "experiments" / "results" / "contrastive"
-ZERO_SHOT = REPO / "experiments" / "results" / "zeroshot" / "minilm_scifact_test.json"
-
-
-def run_config(name: str, runs: Path) -> dict:
-  from embed_jax.cli import load_config
-  from embed_jax.train import train
-  workdir = runs / name
-  clock = workdir / "wall_clock.json"
-  spent = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
-  t = time.perf_counter()
-  summary = train(load_config(str(REPO / "configs" / f"{name}.py"), []), workdir)
-  if summary.get("steps_run", 1):  # only time invocations that did work
-    spent += time.perf_counter() - t
-    workdir.mkdir(parents=True, exist_ok=True)
-    clock.write_text(json.dumps({"seconds": spent}) + "\n")
-  results = json.loads((workdir / "results.json").read_text())
-  return {"config": f"configs/{name}.py", "workdir": str(workdir), "wall_clock_min": spent / 60,
-          "steps": summary["total_steps"], "embed_jax": results["results"][0]["metrics"],
-          "model_fingerprint": results["settings"]["model_fingerprint"],
-          "export": summary["export"]}
+OUT = RESULTS / "contrastive"
+ZERO_SHOT = RESULTS / "zeroshot" / "minilm_scifact_test.json"
 
 
 def main():
@@ -55,7 +33,12 @@ def main():
   args = p.parse_args()
   rows = []
   for name in args.configs.split(","):
-    row = run_config(name, Path(args.runs))
+    summary = run_config(name, Path(args.runs) / name)
+    results = json.loads((Path(summary["workdir"]) / "results.json").read_text())
+    row = {"config": summary["config"], "workdir": summary["workdir"],
+           "wall_clock_min": summary["wall_clock_min"], "steps": summary["total_steps"],
+           "embed_jax": results["results"][0]["metrics"],
+           "model_fingerprint": results["settings"]["model_fingerprint"], "export": summary["export"]}
     row["sentence_transformers"] = st_evaluate(row["export"])
     row["ndcg@10_difference"] = row["sentence_transformers"]["ndcg@10"] - row["embed_jax"]["ndcg@10"]
     rows.append(row)

@@ -1,0 +1,56 @@
+"""What every experiment script shares: train a config in a workdir (resuming), with its wall
+clock; the metrics of a trained model at given Matryoshka dims."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "experiments" / "results"
+
+
+def run_config(spec: str, workdir: str | os.PathLike, overrides: list[str] = ()) -> dict:
+  """Trains `configs/<spec>` ("name" or "name:arg") in `workdir`, resuming what is done (a
+  finished run is not repeated). Returns the training summary plus `wall_clock_min`, summed over
+  the invocations that trained (kept in <workdir>/wall_clock.json)."""
+  from embed_jax.cli import load_config
+  from embed_jax.train import train
+  name, _, arg = spec.partition(":")
+  workdir = Path(workdir)
+  clock = workdir / "wall_clock.json"
+  spent = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
+  t = time.perf_counter()
+  config = load_config(str(REPO / "configs" / f"{name}.py") + (f":{arg}" if arg else ""), list(overrides))
+  summary = train(config, workdir)
+  if summary["steps_run"]:
+    spent += time.perf_counter() - t
+    clock.write_text(json.dumps({"seconds": spent}) + "\n")
+  return {**summary, "wall_clock_min": spent / 60, "config": f"configs/{name}.py" + (f":{arg}" if arg else "")}
+
+
+def metrics_at_dims(workdir: str | os.PathLike, dims, dataset: str = "scifact") -> dict[int, dict]:
+  """float32 test metrics of <workdir>/export at each of `dims`: from its results.json where it
+  has them, else by evaluating the export (cached in <workdir>/results_dims.json)."""
+  workdir = Path(workdir)
+  have = {}
+  for name in ("results.json", "results_dims.json"):
+    if (workdir / name).exists():
+      for r in json.loads((workdir / name).read_text())["results"]:
+        if r["representation"] == "float32":
+          have[r["dims"]] = r["metrics"]
+  missing = sorted(set(dims) - set(have), reverse=True)
+  if missing:
+    import embed_jax
+    from embed_jax.data import load_beir
+    from embed_jax.evaluate import evaluate_retrieval
+    model = embed_jax.load(workdir / "export")
+    out = evaluate_retrieval(model, load_beir(dataset), "test", dims=missing, batch_size=64)
+    (workdir / "results_dims.json").write_text(json.dumps(out, indent=2) + "\n")
+    have.update({r["dims"]: r["metrics"] for r in out["results"]})
+  return {d: have[d] for d in dims}
