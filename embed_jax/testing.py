@@ -16,14 +16,17 @@ _WORDS = ("the a of and is in to for with on by are was be as at from that this 
           "increase decrease level levels expression mouse mice human blood treatment").split()
 
 
+def _tiny_vocab(specials: list[str]) -> list[str]:
+  chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'()-%")
+  pieces = ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+  return list(dict.fromkeys(specials + chars + pieces + list(_WORDS)))
+
+
 def tiny_tokenizer():
   """A BERT WordPiece tokenizer over a ~120-token vocabulary (lower-cased, accents stripped)."""
   from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
   from transformers import BertTokenizerFast
-  chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'()-%")
-  vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars
-                            + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-                            + list(_WORDS)))
+  vocab = _tiny_vocab(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
   tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
   tok.normalizer = normalizers.BertNormalizer(lowercase=True)
   tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -33,6 +36,22 @@ def tiny_tokenizer():
   tok.decoder = decoders.WordPiece()
   return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                            cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def tiny_mpnet_tokenizer():
+  """An MPNet tokenizer over the same small vocabulary, laid out as all-mpnet-base-v2's: <s> 0,
+  <pad> 1 (MPNet's padding_idx), </s> 2, WordPiece with lower-casing, `<s> A </s>` templates."""
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+  from transformers import MPNetTokenizerFast
+  vocab = _tiny_vocab(["<s>", "<pad>", "</s>", "[UNK]"]) + ["<mask>"]
+  tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+  tok.decoder = decoders.WordPiece()
+  return MPNetTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            sep_token="</s>", cls_token="<s>", unk_token="[UNK]",
+                            pad_token="<pad>", mask_token="<mask>")
 
 
 def tiny_config(**overrides) -> ModelConfig:

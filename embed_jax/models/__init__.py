@@ -8,9 +8,10 @@ import jax.numpy as jnp
 
 from embed_jax.models.bert import BertModel
 from embed_jax.models.config import ModelConfig
+from embed_jax.models.mpnet import MPNetModel
 from embed_jax.models.pooling import l2_normalize, pool
 
-ENCODERS = {"bert": BertModel}  # config.json `model_type` -> encoder module
+ENCODERS = {"bert": BertModel, "mpnet": MPNetModel}  # config.json `model_type` -> encoder module
 
 
 def supported_architectures() -> tuple[str, ...]:
@@ -70,5 +71,5 @@ def abstract_params(config: ModelConfig) -> dict:
   return jax.eval_shape(SentenceEncoder(config).init, jax.random.key(0), ids_1x8, ids_1x8)["params"]
 
 
-__all__ = ["ModelConfig", "SentenceEncoder", "BertModel", "pool", "l2_normalize",
+__all__ = ["ModelConfig", "SentenceEncoder", "BertModel", "MPNetModel", "pool", "l2_normalize",
            "supported_architectures", "abstract_params"]

@@ -9,10 +9,11 @@ into the dots), so every batched matmul runs in YNNPACK. With the separate Q/K/V
 (benchmarks/train_step.py has the whole-step numbers). tests/test_models.py checks the gradients
 against autodiff of the textbook form.
 
-Shapes: q, k, v [B, N, L, D] (heads-major, q already scaled by 1/sqrt(D)); bias [B, 1|N, 1|L, L]
-added to the logits (0 for real keys, a large negative for padding); dropout_keep [B, N, L, L]
-bool, False where an attention weight is dropped (the rest are scaled by 1 / (1 - rate)), or None.
-The bias and the mask get no gradient.
+Shapes: q, k, v [B, N, L, D] (heads-major, q already scaled by 1/sqrt(D)); bias [B|1, 1|N, 1|L, L]
+added to the logits (0 for real keys, a large negative for padding; MPNet adds its learned relative
+position bias); dropout_keep [B, N, L, L] bool, False where an attention weight is dropped (the rest
+are scaled by 1 / (1 - rate)), or None. The mask gets no gradient; the bias gets one only with
+`bias_grad=True` (d logits summed to the bias's shape), so a padding-only bias costs nothing.
 """
 
 from __future__ import annotations
@@ -44,19 +45,30 @@ def _forward(q_BxNxLxD, k_BxNxLxD, v_BxNxLxD, bias, dropout_keep, rate):
   return ctx_BxNxLxD, (weights_BxNxLxL, denom_BxNxLx1, ctx_BxNxLxD)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def attention(q_BxNxLxD, k_BxNxLxD, v_BxNxLxD, bias, dropout_keep=None, rate: float = 0.0):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def attention(q_BxNxLxD, k_BxNxLxD, v_BxNxLxD, bias, dropout_keep=None, rate: float = 0.0,
+              bias_grad: bool = False):
   """dropout(softmax(q k^T + bias)) v -> float32 [B, N, L, D]."""
   return _forward(q_BxNxLxD, k_BxNxLxD, v_BxNxLxD, bias, dropout_keep, rate)[0]
 
 
-def _attention_fwd(q, k, v, bias, dropout_keep, rate):
+def _attention_fwd(q, k, v, bias, dropout_keep, rate, bias_grad):
   ctx, (weights, denom, _) = _forward(q, k, v, bias, dropout_keep, rate)
-  return ctx, (q, k, v, weights, denom, ctx, dropout_keep)
+  # The backward needs only the bias's shape and dtype; keeping the array adds no memory (the
+  # caller holds it for the forward pass of every layer anyway).
+  return ctx, (q, k, v, weights, denom, ctx, dropout_keep, bias if bias_grad else None)
 
 
-def _attention_bwd(rate, res, g_BxNxLxD):
-  q_BxNxLxD, k_BxNxLxD, v_BxNxLxD, weights_BxNxLxL, denom_BxNxLx1, ctx_BxNxLxD, keep = res
+def _sum_to_shape(x, shape: tuple[int, ...]):
+  """x summed over the dimensions along which `shape` was broadcast to x.shape."""
+  lead = x.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape)
+                                    if n == 1 and x.shape[lead + i] != 1)
+  return jnp.sum(x, axis=axes, keepdims=True).reshape(shape) if axes else x
+
+
+def _attention_bwd(rate, bias_grad, res, g_BxNxLxD):
+  q_BxNxLxD, k_BxNxLxD, v_BxNxLxD, weights_BxNxLxL, denom_BxNxLx1, ctx_BxNxLxD, keep, bias = res
   barrier = jax.lax.optimization_barrier
   f32 = jnp.float32
   g_BxNxLxD = g_BxNxLxD.astype(f32) / denom_BxNxLx1  # the gradient of (kept weights) @ v
@@ -74,8 +86,11 @@ def _attention_bwd(rate, res, g_BxNxLxD):
   dq_BxNxLxD = jnp.matmul(dlogits_BxNxLxL, k_BxNxLxD.astype(f32), preferred_element_type=f32)
   qT_BxNxDxL = barrier(q_BxNxLxD.astype(f32).swapaxes(-1, -2))
   dkT_BxNxDxL = jnp.matmul(qT_BxNxDxL, dlogits_BxNxLxL, preferred_element_type=f32)
+  dbias = None
+  if bias_grad:  # logits = q k^T + bias, so d bias = d logits (summed where the bias broadcasts)
+    dbias = _sum_to_shape(dlogits_BxNxLxL, jnp.shape(bias)).astype(jnp.result_type(bias))
   return (dq_BxNxLxD.astype(q_BxNxLxD.dtype), dkT_BxNxDxL.swapaxes(-1, -2).astype(k_BxNxLxD.dtype),
-          dvT_BxNxDxL.swapaxes(-1, -2).astype(v_BxNxLxD.dtype), None, None)
+          dvT_BxNxDxL.swapaxes(-1, -2).astype(v_BxNxLxD.dtype), dbias, None)
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

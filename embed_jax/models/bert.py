@@ -102,11 +102,18 @@ class SelfAttention(nn.Module):
   above all in the backward pass), the softmax normalised after the value product, and the
   attention core's hand-written backward (`embed_jax.models.attention`), which keeps every
   batched matmul in YNNPACK.
+
+  MPNet reuses it with its own parameter names, its output projection inside (`out_name`), and a
+  learned bias that needs a gradient (`bias_grad`).
   """
   config: ModelConfig
+  names: tuple[str, str, str] = ("query", "key", "value")
+  out_name: str | None = None  # a Dense applied to the context under this name (MPNet's "o")
+  bias_grad: bool = False  # the bias gets a gradient (False: it is only the padding mask)
 
   @nn.compact
-  def __call__(self, x_BxLxH, bias_Bx1x1xL, deterministic: bool):
+  def __call__(self, x_BxLxH, bias, deterministic: bool):
+    """bias: added to the logits, broadcastable to [B, N, L, L] (BERT: [B, 1, 1, L])."""
     cfg = self.config
     b, l, h = x_BxLxH.shape
     n, d = cfg.num_heads, cfg.hidden_size // cfg.num_heads
@@ -119,13 +126,17 @@ class SelfAttention(nn.Module):
       y_BxLxH = jnp.dot(x_BxLxH, w_HxH.astype(cfg.dtype)) + b_H.astype(cfg.dtype)
       return y_BxLxH.reshape(b, l, n, d).transpose(0, 2, 1, 3)
 
-    q_BxNxLxD, k_BxNxLxD, v_BxNxLxD = heads("query", d ** -0.5), heads("key"), heads("value")
+    q_name, k_name, v_name = self.names
+    q_BxNxLxD, k_BxNxLxD, v_BxNxLxD = heads(q_name, d ** -0.5), heads(k_name), heads(v_name)
     keep, rate = None, 0.0
     if not deterministic and cfg.attention_dropout > 0:
       rate = cfg.attention_dropout
       keep = keep_mask(self.make_rng("dropout"), 1.0 - rate, (b, n, l, l))
-    ctx_BxNxLxD = attention(q_BxNxLxD, k_BxNxLxD, v_BxNxLxD, bias_Bx1x1xL, keep, rate)
-    return ctx_BxNxLxD.astype(cfg.dtype).transpose(0, 2, 1, 3).reshape(b, l, n * d)
+    ctx_BxNxLxD = attention(q_BxNxLxD, k_BxNxLxD, v_BxNxLxD, bias, keep, rate, self.bias_grad)
+    ctx_BxLxH = ctx_BxNxLxD.astype(cfg.dtype).transpose(0, 2, 1, 3).reshape(b, l, n * d)
+    if self.out_name is None:
+      return ctx_BxLxH
+    return _dense(cfg, cfg.hidden_size, self.out_name)(ctx_BxLxH)
 
 
 class Attention(nn.Module):
@@ -138,12 +149,15 @@ class Attention(nn.Module):
 
 
 class Layer(nn.Module):
+  """Attention, then the feed-forward block; `attention` is the architecture's attention module
+  (MPNet passes its own)."""
   config: ModelConfig
+  attention: type = None  # None: BERT's Attention
 
   @nn.compact
   def __call__(self, x, bias, deterministic: bool):
     cfg = self.config
-    x = Attention(cfg, name="attention")(x, bias, deterministic)
+    x = (self.attention or Attention)(cfg, name="attention")(x, bias, deterministic)
     inter = activation(cfg.hidden_act)(IntermediateDense(cfg, name="intermediate")(x))
     return DenseLayerNorm(cfg, name="output")(inter, x, deterministic)
 

@@ -11,6 +11,9 @@ POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "lasttoken")  # c
 # Dense head activations: ours -> the torch class sentence-transformers' Dense config names.
 DENSE_ACTIVATIONS = {"identity": "torch.nn.modules.linear.Identity",
                      "tanh": "torch.nn.modules.activation.Tanh"}
+# Position ids below the offset are not token positions: MPNet's start at padding_idx + 1 = 2.
+POSITION_OFFSETS = {"mpnet": 2}
+MPNET_BUCKETS = 32  # relative position buckets transformers' MPNet computes (max distance 128)
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish", "tanh")
 
 
@@ -22,7 +25,7 @@ class ModelConfig:
   that export writes back fields embed_jax does not interpret, and is left out of hashing.
   """
 
-  architecture: str = "bert"  # config.json `model_type`
+  architecture: str = "bert"  # config.json `model_type`: bert | mpnet
   vocab_size: int = 30522
   hidden_size: int = 384
   num_layers: int = 6
@@ -35,8 +38,9 @@ class ModelConfig:
   pad_token_id: int = 0
   hidden_dropout: float = 0.1
   attention_dropout: float = 0.1
-  add_pooler: bool = True  # the BERT [CLS] pooler; unused by sentence embeddings, kept for export
+  add_pooler: bool = True  # the [CLS] pooler (BERT, MPNet); unused by sentence embeddings, kept for export
   position_ids_buffer: bool = False  # write `embeddings.position_ids` on export (old checkpoints have it)
+  relative_attention_num_buckets: int = 32  # MPNet: rows of the shared relative position bias table
   # sentence-transformers pipeline: Transformer -> Pooling -> [Normalize]
   pooling: tuple[str, ...] = ("mean",)
   dense_features: int = 0  # > 0: a Dense head after pooling (sentence-transformers' Dense module)
@@ -62,15 +66,30 @@ class ModelConfig:
     if self.dense_features < 0 or self.dense_activation not in DENSE_ACTIVATIONS:
       raise ValueError(f"Dense head: out_features {self.dense_features} must be >= 0 and the "
                        f"activation one of {sorted(DENSE_ACTIVATIONS)}, got {self.dense_activation!r}")
-    if not 0 < self.max_seq_length <= self.max_position_embeddings:
+    if not 0 < self.max_seq_length <= self.max_tokens:
+      reserved = (f" less the {self.position_offset} position ids {self.architecture} reserves"
+                  if self.position_offset else "")
       raise ValueError(
-          f"max_seq_length {self.max_seq_length} must be in 1..max_position_embeddings "
-          f"({self.max_position_embeddings})")
+          f"max_seq_length {self.max_seq_length} must be in 1..{self.max_tokens} "
+          f"(max_position_embeddings {self.max_position_embeddings}{reserved})")
+    if self.architecture == "mpnet" and self.relative_attention_num_buckets < MPNET_BUCKETS:
+      # transformers always computes 32 buckets, whatever the table size says.
+      raise ValueError(f"relative_attention_num_buckets {self.relative_attention_num_buckets} must "
+                       f"be >= {MPNET_BUCKETS} for mpnet")
     for name in ("dtype", "param_dtype"):
       try:
         jnp.dtype(getattr(self, name))
       except TypeError as e:
         raise ValueError(f"{name}={getattr(self, name)!r} is not a dtype (use float32 or bfloat16)") from e
+
+  @property
+  def position_offset(self) -> int:
+    return POSITION_OFFSETS.get(self.architecture, 0)
+
+  @property
+  def max_tokens(self) -> int:
+    """The longest input the position embeddings cover."""
+    return self.max_position_embeddings - self.position_offset
 
   @property
   def pooled_dim(self) -> int:
