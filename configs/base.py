@@ -46,7 +46,25 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.scale = 20.0  # 1 / temperature on cosine similarities
   c.loss.symmetric = False  # also rank queries given each positive
   c.loss.margin = 0.5  # triplet margin
+  c.loss.weight = 1.0  # of the labelled pairs loss; 0 = no labelled pairs (unlabelled texts only)
 
+  # Unlabelled texts (text group "u"), read by self-distillation and distillation.
+  c.unlabelled = ml_collections.ConfigDict()
+  c.unlabelled.texts = "corpus"  # corpus | queries | corpus+queries (the dataset's, no qrels)
+  c.unlabelled.batch_size = 64  # texts per step, global; a multiple of the devices
+
+  # Distillation from a teacher store (`embed-jax teacher`): the teacher never runs in training.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.store = ""  # the store's folder; "" = no distillation
+  c.distill.teacher = ""  # the teacher the store must come from (name or fingerprint); "" = any
+  c.distill.embedding = 0.0  # weight: student embedding (projected to the teacher's dims when
+  #   they differ, by a learned linear map used only in training) vs the teacher's, unlabelled texts
+  c.distill.embedding_kind = "mse"  # mse (|s - t|^2 of unit vectors) | cosine (1 - cos)
+  c.distill.scores = 0.0  # weight: KL of the in-batch similarity distributions, unlabelled texts
+  c.distill.pair_scores = 0.0  # weight: the same over the labelled queries x positives
+  c.distill.margin_mse = 0.0  # weight: Margin-MSE on (query, positive, hard negative)
+  c.distill.temperature = 0.05  # the student's in the KL
+  c.distill.teacher_temperature = 0.05  # the teacher's in the KL
   # Matryoshka (embed_jax.losses.matryoshka): the loss on each prefix of the embedding.
   c.matryoshka = ml_collections.ConfigDict()
   c.matryoshka.dims = ()  # e.g. (384, 256, 128, 64, 32), any order, each <= the model dim; () = off
@@ -56,11 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.matryoshka.layers = ()
   c.matryoshka.layer_weight = 1.0  # weight of the mean of the earlier layers' losses
   # Prefix self-distillation on unlabelled texts (losses.prefix_self_distillation): each step also
-  # embeds a batch of corpus texts and pulls each prefix's similarities toward the full ones.
+  # embeds a batch of `unlabelled` texts and pulls each prefix's similarities toward the full ones.
   c.matryoshka.self_distill = ml_collections.ConfigDict()
   c.matryoshka.self_distill.weight = 0.0  # > 0 turns it on (needs matryoshka.dims)
-  c.matryoshka.self_distill.batch_size = 64  # texts per step, global; a multiple of the devices
-  c.matryoshka.self_distill.texts = "corpus"  # corpus | corpus+queries (all of the dataset's)
   c.matryoshka.self_distill.target = "current"  # current (stop-gradient) | initial (frozen start)
   c.matryoshka.self_distill.pairwise = 1.0  # weight of the all-pairs similarity term
   c.matryoshka.self_distill.topk = 1.0  # weight of the k-nearest-neighbour term
@@ -114,4 +130,5 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.max_steps = 4
   c.checkpoint.every_steps = 2
   c.evals.batch_size = 256
+  c.unlabelled.batch_size = 8
   return c

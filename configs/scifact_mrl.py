@@ -18,10 +18,10 @@ def get_config(arg: str | None = None):
   c.matryoshka.dims = (384, 256, 128, 64, 32)
   c.matryoshka.weights = ()  # all 1.0, as sentence-transformers' MatryoshkaLoss
   if "pairs" not in flags:
+    c.unlabelled.texts = "corpus"
+    c.unlabelled.batch_size = 32  # corpus texts per step, beside the 32 pairs
     sd = c.matryoshka.self_distill
     sd.weight = 1.0
-    sd.batch_size = 32  # corpus texts per step, beside the 32 pairs
-    sd.texts = "corpus"
     sd.target = "current"  # stop-gradient of the model's own full embedding
     sd.pairwise = 1.0
     sd.topk = 1.0
@@ -29,5 +29,4 @@ def get_config(arg: str | None = None):
   if "smoke" in flags:
     base.apply_smoke(c)
     c.matryoshka.dims = (32, 16, 8)  # the tiny model has 32 dims
-    c.matryoshka.self_distill.batch_size = 8
   return c

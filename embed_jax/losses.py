@@ -275,3 +275,71 @@ def prefix_self_distillation(e_BxD: Array, dims, *, target_BxD: Array | None = N
       if weight:
         total += weight * jnp.sum(jnp.where(ok_BxB, gap_BxB, 0.0)) / jnp.maximum(jnp.sum(ok_BxB), 1)
   return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation from a teacher's (precomputed) embeddings.
+# ----------------------------------------------------------------------------------------------
+
+
+def embedding_distillation(student_BxD: Array, teacher_BxD: Array, *, kind: str = "mse",
+                           valid_B: Array | None = None) -> Array:
+  """The student's embedding against the teacher's, both L2-normalised; the student is already
+  in the teacher's space (same dims, or through a learned projection).
+
+  kind: "mse", the mean over rows of |s - t|^2 (= 2 - 2 cos; sentence-transformers' MSELoss
+  averages over the D dims as well, i.e. this / D); "cosine", the mean of 1 - cos.
+  """
+  if student_BxD.shape[-1] != teacher_BxD.shape[-1]:
+    raise ValueError(f"student dims {student_BxD.shape[-1]} != teacher dims "
+                     f"{teacher_BxD.shape[-1]}: project the student first")
+  valid_B = _rows_valid(valid_B, student_BxD.shape[0])
+  s_BxD = unit(_zero_invalid(student_BxD, valid_B))
+  t_BxD = unit(_zero_invalid(jnp.asarray(teacher_BxD, jnp.float32), valid_B))
+  if kind == "mse":
+    loss_B = jnp.sum(jnp.square(s_BxD - t_BxD), axis=-1)
+  elif kind == "cosine":
+    loss_B = 1.0 - jnp.sum(s_BxD * t_BxD, axis=-1)
+  else:
+    raise ValueError(f"kind={kind!r}: choose mse or cosine")
+  return _mean_over(loss_B, valid_B)
+
+
+def score_distillation(q_BxD: Array, d_CxD: Array, *, teacher_q_BxT: Array, teacher_d_CxT: Array,
+                       temperature: float = 0.05, teacher_temperature: float = 0.05,
+                       valid_B: Array | None = None, valid_C: Array | None = None,
+                       exclude_self: bool = False) -> Array:
+  """KL(teacher || student) between the in-batch similarity distributions: for each query row,
+  softmax over the candidates of cos / temperature, the teacher's from its stored vectors.
+
+  Student and teacher may have different dims (only similarities are compared), so it also
+  distils into Matryoshka prefixes of the student (the teacher's vectors are never cut).
+  exclude_self: queries and candidates are the same texts (unlabelled batches); a text is not
+  its own candidate.
+  """
+  valid_B = _rows_valid(valid_B, q_BxD.shape[0])
+  valid_C = _rows_valid(valid_C, d_CxD.shape[0])
+  s = lambda a, b: jnp.matmul(unit(a), unit(b).T, precision=_HIGHEST)  # noqa: E731
+  student_BxC = s(_zero_invalid(q_BxD, valid_B), _zero_invalid(d_CxD, valid_C)) / temperature
+  teacher_BxC = s(_zero_invalid(jnp.asarray(teacher_q_BxT, jnp.float32), valid_B),
+                  _zero_invalid(jnp.asarray(teacher_d_CxT, jnp.float32), valid_C)) / teacher_temperature
+  ok_BxC = jnp.broadcast_to(valid_C[None, :], student_BxC.shape)
+  if exclude_self:
+    ok_BxC = ok_BxC & ~jnp.eye(*student_BxC.shape, dtype=bool)
+  log_p_student = jax.nn.log_softmax(jnp.where(ok_BxC, student_BxC, -jnp.inf), axis=-1)
+  log_p_teacher = jax.nn.log_softmax(jnp.where(ok_BxC, teacher_BxC, -jnp.inf), axis=-1)
+  kl_BxC = jnp.where(ok_BxC, jnp.exp(log_p_teacher) * (log_p_teacher - log_p_student), 0.0)
+  return _mean_over(jnp.sum(kl_BxC, axis=-1), valid_B)
+
+
+def margin_mse(q_BxD: Array, p_BxD: Array, n_BxD: Array, *, teacher_q_BxT: Array,
+               teacher_p_BxT: Array, teacher_n_BxT: Array, valid_B: Array | None = None) -> Array:
+  """Margin-MSE (Hofstätter et al., 2020): (s(q, p) - s(q, n) - [t(q, p) - t(q, n)])^2, mean over
+  valid rows, with cosine similarities (the teacher's from its stored vectors)."""
+  valid_B = _rows_valid(valid_B, q_BxD.shape[0])
+  cos = lambda a, b: jnp.sum(unit(_zero_invalid(a, valid_B)) * unit(_zero_invalid(b, valid_B)), -1)  # noqa: E731
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  student_B = cos(q_BxD, p_BxD) - cos(q_BxD, n_BxD)
+  teacher_B = (cos(f32(teacher_q_BxT), f32(teacher_p_BxT))
+               - cos(f32(teacher_q_BxT), f32(teacher_n_BxT)))
+  return _mean_over(jnp.square(student_B - teacher_B), valid_B)

@@ -35,6 +35,8 @@ from embed_jax.models import SentenceEncoder
 log = logging.getLogger(__name__)
 
 LOSSES = ("mnrl", "triplet")
+DISTILL_PROJECTION = "distill_projection"  # a training-only params key (never exported)
+UNLABELLED_TEXTS = ("corpus", "queries", "corpus+queries")
 RUNNERS = ("jit", "pmap")
 
 
@@ -80,38 +82,72 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
       problems.append(f"{key}={value!r} does not exist")
   if config.data.num_negatives and not config.data.negatives:
     problems.append("data.num_negatives > 0 needs data.negatives (a file from `embed-jax mine`)")
-  problems += _matryoshka_problems(config, num_devices)
+  problems += _objective_problems(config, num_devices)
   if problems:
     raise ValueError("bad config:\n  " + "\n  ".join(problems))
 
 
-def _matryoshka_problems(config, num_devices: int) -> list[str]:
+def uses_pairs(config) -> bool:
+  """Whether the run reads labelled (query, positive) pairs."""
+  return config.loss.weight > 0 or config.distill.pair_scores > 0 or config.distill.margin_mse > 0
+
+
+def uses_unlabelled(config) -> bool:
+  """Whether the run reads batches of unlabelled texts (text group u)."""
+  return (config.matryoshka.self_distill.weight > 0 or config.distill.embedding > 0
+          or config.distill.scores > 0)
+
+
+def _objective_problems(config, num_devices: int) -> list[str]:
   mrl, sd, proj = config.matryoshka, config.matryoshka.self_distill, config.projection
+  dist, unl = config.distill, config.unlabelled
   problems = []
   if mrl.weights and len(mrl.weights) != len(mrl.dims):
     problems.append(f"matryoshka.weights has {len(mrl.weights)} values for {len(mrl.dims)} dims")
   if any(not isinstance(i, int) or i < 1 for i in mrl.layers):
     problems.append(f"matryoshka.layers={tuple(mrl.layers)}: 1-based layer counts, each >= 1")
-  if mrl.layer_weight < 0 or sd.weight < 0:
-    problems.append("matryoshka.layer_weight and matryoshka.self_distill.weight must be >= 0")
+  weights = {"loss.weight": config.loss.weight, "matryoshka.layer_weight": mrl.layer_weight,
+             "matryoshka.self_distill.weight": sd.weight, "distill.embedding": dist.embedding,
+             "distill.scores": dist.scores, "distill.pair_scores": dist.pair_scores,
+             "distill.margin_mse": dist.margin_mse}
+  problems += [f"{k}={v} must be >= 0" for k, v in weights.items() if v < 0]
+  if not uses_pairs(config) and not uses_unlabelled(config):
+    problems.append("nothing to train: loss.weight is 0 and no (self-)distillation weight is > 0")
   if sd.weight > 0:
     if not mrl.dims:
       problems.append("matryoshka.self_distill.weight > 0 needs matryoshka.dims")
     if sd.target not in ("current", "initial"):
       problems.append(f"matryoshka.self_distill.target={sd.target!r}: choose current or initial")
-    if sd.texts not in ("corpus", "corpus+queries"):
-      problems.append(f"matryoshka.self_distill.texts={sd.texts!r}: choose corpus or corpus+queries")
-    if sd.batch_size < 2 or sd.batch_size % num_devices:
-      problems.append(f"matryoshka.self_distill.batch_size={sd.batch_size} must be >= 2 and a "
-                      f"multiple of the {num_devices} devices")
-    chunk, per_device = config.train.grad_cache_chunk, config.batch_size // num_devices
-    if chunk > 0 and per_device % chunk == 0:  # (other chunk values are refused above)
-      n_chunks = per_device // chunk
-      if (sd.batch_size // num_devices) % n_chunks:
-        problems.append(f"matryoshka.self_distill.batch_size={sd.batch_size} must split into the "
-                        f"{n_chunks} gradient-caching chunks per device")
     if sd.k < 1:
       problems.append(f"matryoshka.self_distill.k={sd.k} must be >= 1")
+  distilling = {k: v for k, v in weights.items() if k.startswith("distill.") and v > 0}
+  if distilling and not dist.store:
+    problems.append(f"{', '.join(distilling)} > 0 needs distill.store (a folder from "
+                    f"`embed-jax teacher`)")
+  if dist.store and not Path(dist.store).exists():
+    problems.append(f"distill.store={dist.store!r} does not exist: build it with `embed-jax "
+                    f"teacher --model T --dataset D --out {dist.store}`")
+  if dist.embedding_kind not in ("mse", "cosine"):
+    problems.append(f"distill.embedding_kind={dist.embedding_kind!r}: choose mse or cosine")
+  if dist.margin_mse > 0 and config.data.num_negatives < 1:
+    problems.append("distill.margin_mse > 0 needs hard negatives (data.num_negatives >= 1)")
+  if dist.temperature <= 0 or dist.teacher_temperature <= 0:
+    problems.append("distill.temperature and distill.teacher_temperature must be > 0")
+  if uses_unlabelled(config):
+    if unl.texts not in UNLABELLED_TEXTS:
+      problems.append(f"unlabelled.texts={unl.texts!r}: choose from {', '.join(UNLABELLED_TEXTS)}")
+    if unl.batch_size < 2 or unl.batch_size % num_devices:
+      problems.append(f"unlabelled.batch_size={unl.batch_size} must be >= 2 and a multiple of "
+                      f"the {num_devices} devices")
+    chunk, per_device = config.train.grad_cache_chunk, config.batch_size // num_devices
+    if chunk > 0 and not uses_pairs(config) and (unl.batch_size // num_devices) % chunk:
+      problems.append(f"train.grad_cache_chunk={chunk} must divide the per-device unlabelled "
+                      f"batch {unl.batch_size // num_devices}")
+    if chunk > 0 and uses_pairs(config) and per_device % chunk == 0:  # else refused above
+      n_chunks = per_device // chunk
+      if (unl.batch_size // num_devices) % n_chunks:
+        problems.append(f"unlabelled.batch_size={unl.batch_size} must split into the {n_chunks} "
+                        f"gradient-caching chunks per device")
   if proj.dim < 0 or proj.init not in ("prefix", "random"):
     problems.append(f"projection.dim={proj.dim} must be >= 0 and projection.init={proj.init!r} "
                     f"prefix or random")
@@ -195,8 +231,11 @@ def _salt(name: str) -> int:
 
 def embed_groups(module: SentenceEncoder, params, batch, rng, train: bool,
                  layers: tuple[int, ...] = ()) -> dict:
-  """Raw embeddings of every text group: [..., E], or [..., 1 + K, E] with earlier `layers`."""
+  """Raw embeddings of every text group: [..., E], or [..., 1 + K, E] with earlier `layers`; with
+  a distillation projection in `params`, also u_proj, the unlabelled texts in the teacher's space."""
   out = {}
+  projection = params.get(DISTILL_PROJECTION)
+  params = {k: v for k, v in params.items() if k != DISTILL_PROJECTION}
   for name, (ids_key, mask_key) in text_groups(batch).items():
     ids, mask = batch[ids_key], batch[mask_key]
     kw = {"rngs": {"dropout": jax.random.fold_in(rng, _salt(name))}} if train else {}
@@ -207,6 +246,8 @@ def embed_groups(module: SentenceEncoder, params, batch, rng, train: bool,
     else:
       e = module.apply({"params": params}, *flat, deterministic=not train, normalize=False, **kw)
     out[name] = e.reshape(*ids.shape[:-1], *e.shape[1:])
+  if projection is not None and "u" in out:
+    out["u_proj"] = jnp.matmul(out["u"], projection["kernel"])
   return out
 
 
@@ -227,41 +268,70 @@ def _pair_loss_fn(config) -> Callable:
 
 
 def make_loss(config) -> Callable:
-  """loss(embs, arrays) -> (scalar, aux metrics): the pairs loss over each Matryoshka prefix and
-  each extra layer, plus the weighted prefix self-distillation on unlabelled texts."""
-  mrl = config.matryoshka
+  """loss(embs, arrays) -> (scalar, aux metrics), the weighted sum of the run's terms:
+    pairs          the labelled pairs loss (loss.name) at each Matryoshka prefix and extra layer
+    self_distill   prefix self-distillation on the unlabelled texts
+    distill_*      distillation from the teacher's stored vectors: embedding (unlabelled texts),
+                   scores (KL over the unlabelled batch), pair_scores (KL over queries x
+                   positives), margin_mse (query, positive, first hard negative)
+  Score terms are Matryoshka-wrapped too (each student prefix against the full teacher)."""
+  mrl, sd, dist = config.matryoshka, config.matryoshka.self_distill, config.distill
   dims, weights = tuple(mrl.dims), tuple(mrl.weights) or (1.0,) * len(mrl.dims)
   layers = tuple(mrl.layers)
-  sd = mrl.self_distill
   base = _pair_loss_fn(config)
 
-  def pair_loss(q, p, n, arrays, aux, tag):
+  def prefixes(loss, name, aux, *embs, **kw):
+    """loss over each Matryoshka prefix (weighted sum, per-dim values in aux), or as it is."""
     if not dims:
-      return base(q, p, n, arrays=arrays)
-    terms = losses.matryoshka_terms(base, dims, q, p, n, arrays=arrays)
+      return loss(*embs, **kw)
+    terms = losses.matryoshka_terms(loss, dims, *embs, **kw)
     for d, t in zip(dims, terms):
-      aux[f"{config.loss.name}@{d}{tag}"] = t
+      aux[f"{name}@{d}"] = t
     return sum(w * t for w, t in zip(weights, terms))
 
   def loss_fn(embs, arrays):
-    aux = {}
-    q, p, n = embs["q"], embs["p"], embs.get("n")
-    if not layers:
-      total = pair_loss(q, p, n, arrays, aux, "")
-    else:  # index 0 is the last layer; the earlier layers' losses are averaged, then weighted
-      at = lambda x, j: None if x is None else x[..., j, :]  # noqa: E731
-      total = pair_loss(at(q, 0), at(p, 0), at(n, 0), arrays, aux, "")
-      prior = [pair_loss(at(q, j), at(p, j), at(n, j), arrays, aux, f"/layer{layer}")
-               for j, layer in enumerate(layers, 1)]
-      total = total + mrl.layer_weight * sum(prior) / len(prior)
-    if sd.weight:
-      u = embs["u"][:, 0] if layers else embs["u"]
-      aux["pairs_loss"] = total
-      aux["self_distill_loss"] = losses.prefix_self_distillation(
+    aux, parts = {}, {}
+    last = (lambda x: x if x is None or not layers else x[..., 0, :])  # noqa: E731
+    q, p, n, u = (last(embs.get(g)) for g in ("q", "p", "n", "u"))
+    if config.loss.weight > 0:
+      parts["pairs"] = (config.loss.weight,
+                        prefixes(base, config.loss.name, aux, q, p, n, arrays=arrays))
+      if layers:  # index 0 is the last layer; the earlier layers' losses are averaged, weighted
+        at = lambda x, j: None if x is None else x[..., j, :]  # noqa: E731
+        prior = [prefixes(base, f"{config.loss.name}/layer{layer}", aux, at(embs["q"], j),
+                          at(embs["p"], j), at(embs.get("n"), j), arrays=arrays)
+                 for j, layer in enumerate(layers, 1)]
+        parts["pairs_layers"] = (mrl.layer_weight, sum(prior) / len(prior))
+    if sd.weight > 0:
+      parts["self_distill"] = (sd.weight, losses.prefix_self_distillation(
           u, dims, target_BxD=arrays.get("u_target_BxD"), pairwise=sd.pairwise, topk=sd.topk,
-          k=sd.k, valid_B=arrays["u_valid_B"])
-      total = total + sd.weight * aux["self_distill_loss"]
-    return total, aux
+          k=sd.k, valid_B=arrays["u_valid_B"]))
+    kl = dict(temperature=dist.temperature, teacher_temperature=dist.teacher_temperature)
+    if dist.embedding > 0:
+      student = last(embs["u_proj"]) if "u_proj" in embs else u
+      parts["distill_embedding"] = (dist.embedding, losses.embedding_distillation(
+          student, arrays["u_teacher_BxT"], kind=dist.embedding_kind, valid_B=arrays["u_valid_B"]))
+    if dist.scores > 0:
+      t = arrays["u_teacher_BxT"]
+      parts["distill_scores"] = (dist.scores, prefixes(
+          lambda a, b: losses.score_distillation(
+              a, b, teacher_q_BxT=t, teacher_d_CxT=t, valid_B=arrays["u_valid_B"],
+              valid_C=arrays["u_valid_B"], exclude_self=True, **kl), "distill_scores", aux, u, u))
+    if dist.pair_scores > 0:
+      parts["distill_pair_scores"] = (dist.pair_scores, prefixes(
+          lambda a, b: losses.score_distillation(
+              a, b, teacher_q_BxT=arrays["q_teacher_BxT"], teacher_d_CxT=arrays["p_teacher_BxT"],
+              valid_B=arrays["valid_B"], valid_C=arrays["valid_B"], **kl),
+          "distill_pair_scores", aux, q, p))
+    if dist.margin_mse > 0:
+      parts["distill_margin_mse"] = (dist.margin_mse, prefixes(
+          lambda a, b, c: losses.margin_mse(
+              a, b, c, teacher_q_BxT=arrays["q_teacher_BxT"], teacher_p_BxT=arrays["p_teacher_BxT"],
+              teacher_n_BxT=arrays["n_teacher_BxNxT"][:, 0], valid_B=arrays["valid_B"]),
+          "distill_margin_mse", aux, q, p, n[:, 0]))
+    if len(parts) > 1:
+      aux.update({f"{name}_loss": value for name, (_, value) in parts.items()})
+    return sum(w * value for w, value in parts.values()), aux
 
   return loss_fn
 
@@ -303,7 +373,8 @@ def make_train_step(module: SentenceEncoder, config: ml_collections.ConfigDict, 
     embeddings, then back-propagate chunk by chunk. Peak memory grows with the chunk only. Every
     text group is cut into the same number of chunks (the pairs' batch / chunk)."""
     text, arrays = split(batch)
-    n_chunks = text["q_ids_BxLq"].shape[0] // chunk
+    main = text["q_ids_BxLq"] if "q_ids_BxLq" in text else text["u_ids_BxLu"]
+    n_chunks = main.shape[0] // chunk
     chunked = lambda x: x.reshape(n_chunks, x.shape[0] // n_chunks, *x.shape[1:])  # noqa: E731
     chunks = jax.tree.map(chunked, text)
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n_chunks))
@@ -467,32 +538,55 @@ def add_projection(model_config, params, dim: int, init: str, seed: int):
   return model_config.replace(dense_features=dim, dense_activation="identity", dense_bias=True), params
 
 
-def self_distill_loader(config, dataset, tokenizer, model_config, start: Embedder, workdir: Path):
-  """Unlabelled texts for prefix self-distillation; with target='initial', the starting model's
-  embeddings of them (computed once, kept in <workdir>/self_distill_targets.npy)."""
+def open_teacher(config, dataset, needed_ids: list[str], needed_texts: list[str]):
+  """The config's teacher store, checked against the texts the run will read (ids present,
+  checksums equal, the named teacher) before any compute; None without distillation."""
+  if not config.distill.store:
+    return None
+  from embed_jax.data.teacher import TeacherStore
+  store = TeacherStore(config.distill.store)
+  store.check(dataset, needed_ids, needed_texts, teacher=config.distill.teacher or None)
+  log.info("teacher store %s: %s, %d dims, %d texts", store.path,
+           store.manifest["teacher"]["name"], store.dims, len(store.ids))
+  return store
+
+
+def unlabelled_loader(config, dataset, tokenizer, model_config, start: Embedder, workdir: Path,
+                      store=None):
+  """Batches of the dataset's unlabelled texts (group u), with the self-distillation targets of
+  the starting model (target='initial': encoded once, kept in <workdir>/self_distill_targets.npy)
+  and the teacher's vectors, when the run needs them."""
   from embed_jax.checkpoint import atomic_write
   from embed_jax.data.pairs import TextLoader
-  sd = config.matryoshka.self_distill
-  texts = dataset.corpus_texts(" ")
-  if sd.texts == "corpus+queries":
-    texts = texts + list(dataset.queries.values())
-  targets = None
-  if sd.target == "initial":
+  from embed_jax.data.teacher import dataset_texts
+  unl, sd = config.unlabelled, config.matryoshka.self_distill
+  ids, texts = dataset_texts(dataset, unl.texts.split("+"))
+  extras = {}
+  if sd.weight > 0 and sd.target == "initial":
     path = workdir / "self_distill_targets.npy"
     if path.exists() and np.load(path, mmap_mode="r").shape[0] == len(texts):
-      targets = np.load(path)
+      extras["target_BxD"] = np.load(path)
     else:
       log.info("encoding %d texts with the starting model (self-distillation targets)", len(texts))
       targets = start.encode(texts, batch_size=config.evals.batch_size, normalize=True)
       atomic_write(path, lambda f: np.save(f, targets))
+      extras["target_BxD"] = targets
+  if store is not None and (config.distill.embedding > 0 or config.distill.scores > 0):
+    extras["teacher_BxT"] = np.asarray(store.vectors[store.rows(ids)], np.float32)
   lower = model_config.do_lower_case
   tokens = tokenizer([t.lower() if lower else t for t in texts], truncation=True,
                      max_length=config.max_seq_length)["input_ids"]
-  log.info("self-distillation: %d unlabelled texts, %d per step, target %s", len(texts),
-           sd.batch_size, sd.target)
-  return TextLoader(tokens, batch_size=sd.batch_size, seed=config.seed,
-                    max_len=config.max_seq_length, pad_id=model_config.pad_token_id,
-                    targets_NxD=targets)
+  log.info("unlabelled: %d texts (%s), %d per step", len(texts), unl.texts, unl.batch_size)
+  return TextLoader(tokens, batch_size=unl.batch_size, seed=config.seed,
+                    max_len=config.max_seq_length, pad_id=model_config.pad_token_id, extras=extras)
+
+
+def add_distill_projection(params, student_dims: int, teacher_dims: int, seed: int):
+  """A linear map student -> teacher dims for embedding distillation, trained with the model and
+  never exported (SentenceEncoder ignores the extra key)."""
+  kernel = np.random.default_rng([seed, 7]).normal(0, student_dims ** -0.5,
+                                                   (student_dims, teacher_dims))
+  return {**params, DISTILL_PROJECTION: {"kernel": kernel.astype(np.float32)}}
 
 
 def mine_if_missing(config, dataset, embedder: Embedder) -> None:
@@ -510,8 +604,9 @@ def mine_if_missing(config, dataset, embedder: Embedder) -> None:
   write_negatives(rows, path)
 
 
-def load_data(config, dataset, tokenizer, model_config):
-  """(PairLoader, dev_qrels or None) for `dataset`."""
+def load_data(config, dataset, tokenizer, model_config, store=None):
+  """(PairLoader, dev_qrels or None) for `dataset`; with a teacher store (and a pair-level
+  distillation weight), the teacher's vectors of the batch's texts too."""
   from embed_jax.data.pairs import PairLoader, build_pairs, carve_dev
   train_qrels = dataset.qrels(config.data.train_split)
   train_queries = [q for q in dataset.queries if q in train_qrels]
@@ -534,10 +629,16 @@ def load_data(config, dataset, tokenizer, model_config):
 
   q_tokens = tok([dataset.queries[q] for q in pairs.query_ids], config.query_max_seq_length)
   d_tokens = tok(dataset.corpus_texts(" "), config.max_seq_length)
+  teacher = {}
+  if store is not None and (config.distill.pair_scores > 0 or config.distill.margin_mse > 0):
+    teacher = {"teacher_queries_QxT": np.asarray(
+                   store.vectors[store.rows(f"queries/{q}" for q in pairs.query_ids)], np.float32),
+               "teacher_docs_NxT": np.asarray(
+                   store.vectors[store.rows(f"corpus/{d}" for d in pairs.doc_ids)], np.float32)}
   loader = PairLoader(pairs, q_tokens, d_tokens, batch_size=config.batch_size, seed=config.seed,
                       num_negatives=config.data.num_negatives,
                       q_max_len=config.query_max_seq_length, d_max_len=config.max_seq_length,
-                      pad_id=model_config.pad_token_id)
+                      pad_id=model_config.pad_token_id, **teacher)
   log.info("%s: %d training pairs from %d queries, %d steps per epoch of %d; dev queries: %d",
            dataset.name, len(pairs.pairs_Px2), len(pairs.query_ids), loader.steps_per_epoch,
            config.batch_size, len(dev_qrels or {}))
@@ -610,11 +711,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
   from embed_jax.data import load_beir
   dataset = load_beir(config.data.dataset, data_dir=config.data.data_dir or None)
-  mine_if_missing(config, dataset, embedder(params))
-  loader, dev_qrels = load_data(config, dataset, tokenizer, model_config)
-  if config.matryoshka.self_distill.weight:
-    loader = MergedLoader(loader, self_distill_loader(config, dataset, tokenizer, model_config,
-                                                      embedder(params), workdir))
+  store = None
+  if config.distill.store:  # checked against every text the run may read, before any compute
+    from embed_jax.data.teacher import dataset_texts
+    kinds = set(config.unlabelled.texts.split("+")) if uses_unlabelled(config) else set()
+    if uses_pairs(config):
+      kinds |= {"corpus", "queries"}
+    store = open_teacher(config, dataset, *dataset_texts(dataset, sorted(kinds)))
+  loaders, dev_qrels = [], None
+  if uses_pairs(config):
+    mine_if_missing(config, dataset, embedder(params))
+    pair_loader, dev_qrels = load_data(config, dataset, tokenizer, model_config, store)
+    loaders.append(pair_loader)
+  if uses_unlabelled(config):
+    loaders.append(unlabelled_loader(config, dataset, tokenizer, model_config, embedder(params),
+                                     workdir, store))
+  loader = loaders[0] if len(loaders) == 1 else MergedLoader(*loaders)
+  if config.distill.embedding > 0 and store.dims != model_config.embedding_dim:
+    params = add_distill_projection(params, model_config.embedding_dim, store.dims, config.seed)
+    log.info("embedding distillation through a learned %d -> %d projection (not exported)",
+             model_config.embedding_dim, store.dims)
   total_steps = loader.steps_per_epoch * config.num_epochs
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps) if config.num_epochs > 0 else config.max_steps

@@ -1,7 +1,6 @@
 """Hugging Face folders: name table round trip, atomic export, and the errors for bad input."""
 
 import json
-import os
 import shutil
 
 import jax

@@ -152,10 +152,10 @@ def _mrl_run(runner_name, devices, chunk=0, steps=2):
 @needs_8
 def test_mrl_2d_and_self_distillation_agree_across_runners_and_grad_cache():
   one, m = _mrl_run("jit", jax.devices()[:1])
-  assert {"mnrl@8", "mnrl@16", "mnrl@32", "mnrl@8/layer1", "self_distill_loss"} <= set(m)
+  assert {"mnrl@8", "mnrl@16", "mnrl@32", "mnrl/layer1@8", "self_distill_loss"} <= set(m)
   total = (float(m["mnrl@32"]) + 2 * float(m["mnrl@8"]) + 0.5 * float(m["mnrl@16"])
-           + 0.5 * (float(m["mnrl@32/layer1"]) + 2 * float(m["mnrl@8/layer1"])
-                    + 0.5 * float(m["mnrl@16/layer1"]))
+           + 0.5 * (float(m["mnrl/layer1@32"]) + 2 * float(m["mnrl/layer1@8"])
+                    + 0.5 * float(m["mnrl/layer1@16"]))
            + 0.5 * float(m["self_distill_loss"]))
   np.testing.assert_allclose(float(m["loss"]), total, rtol=1e-5)
   _assert_same(one, _mrl_run("jit", jax.devices()[:8])[0])
@@ -168,7 +168,7 @@ def test_mrl_smoke_run_exports_dims_and_evaluates_each(tiny_beir, tmp_path):
   import json
   c = smoke_config(tiny_beir, **{"matryoshka.dims": (32, 16, 8),
                                  "matryoshka.self_distill.weight": 1.0,
-                                 "matryoshka.self_distill.batch_size": 8,
+                                 "unlabelled.batch_size": 8,
                                  "matryoshka.self_distill.target": "initial",
                                  "matryoshka.self_distill.k": 2})
   out = T.train(c, tmp_path / "run")

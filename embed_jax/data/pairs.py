@@ -61,12 +61,16 @@ class PairLoader:
 
   Keys: q_ids_BxLq, q_mask_BxLq, p_ids_BxLd, p_mask_BxLd, [n_ids_BxNxLd, n_mask_BxNxLd],
   query_B (query index, for masking a query's other positives), pos_doc_B, neg_doc_BxN (doc
-  indices, -1 = padding, for duplicate masking) and valid_B.
+  indices, -1 = padding, for duplicate masking) and valid_B; with teacher vectors (rows aligned
+  with `pairs.query_ids` and `pairs.doc_ids`), also q_teacher_BxT, p_teacher_BxT and
+  n_teacher_BxNxT.
   """
 
   def __init__(self, pairs: Pairs, q_tokens: list[list[int]], d_tokens: list[list[int]], *,
                batch_size: int, seed: int, num_negatives: int = 0, q_max_len: int, d_max_len: int,
-               pad_id: int = 0, drop_last: bool = False):
+               pad_id: int = 0, drop_last: bool = False,
+               teacher_queries_QxT: np.ndarray | None = None,
+               teacher_docs_NxT: np.ndarray | None = None):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_negatives and not any(len(n) for n in pairs.negatives):
@@ -76,6 +80,7 @@ class PairLoader:
     self.batch_size, self.seed, self.num_negatives = batch_size, seed, num_negatives
     self.q_buckets, self.d_buckets = length_buckets(q_max_len), length_buckets(d_max_len)
     self.pad_id, self.drop_last = pad_id, drop_last
+    self.teacher_q, self.teacher_d = teacher_queries_QxT, teacher_docs_NxT
     n = len(pairs.pairs_Px2)
     self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
     if self.steps_per_epoch == 0:
@@ -122,12 +127,20 @@ class PairLoader:
       ids, mask = self._pad(n_tok, ld)
       out["n_ids_BxNxLd"], out["n_mask_BxNxLd"] = ids.reshape(b, n, ld), mask.reshape(b, n, ld)
     out.update(query_B=query_B, pos_doc_B=pos_B, neg_doc_BxN=neg_BxN, valid_B=valid)
+    if self.teacher_q is not None:  # padding rows repeat row 0, as their texts do
+      row = lambda idx: np.where(idx >= 0, idx, idx[0] if idx[0] >= 0 else 0)  # noqa: E731
+      out["q_teacher_BxT"] = self.teacher_q[row(query_B)].astype(np.float32)
+      out["p_teacher_BxT"] = self.teacher_d[row(pos_B)].astype(np.float32)
+      if n:
+        neg = np.where(neg_BxN >= 0, neg_BxN, pos_B[0])
+        out["n_teacher_BxNxT"] = self.teacher_d[neg].astype(np.float32)
     return out
 
 
 class TextLoader:
-  """batch(step) -> unlabelled texts for self-distillation: u_ids_BxLu, u_mask_BxLu, u_valid_B
-  and, when `targets_NxD` is given (a frozen model's embeddings of the same texts), u_target_BxD.
+  """batch(step) -> unlabelled texts: u_ids_BxLu, u_mask_BxLu, u_valid_B and, for each
+  `extras` entry (an array with a row per text, e.g. a frozen model's or a teacher's embeddings),
+  u_<name> holding the batch's rows (`extras={"target_BxD": ...}` gives u_target_BxD).
 
   Always full batches: an epoch is a (seed, epoch) permutation of the texts cut into
   len // batch_size batches (the remainder waits for the next epoch's order), independent of the
@@ -135,13 +148,14 @@ class TextLoader:
   """
 
   def __init__(self, tokens: list[list[int]], *, batch_size: int, seed: int, max_len: int,
-               pad_id: int = 0, targets_NxD: np.ndarray | None = None):
+               pad_id: int = 0, extras: dict[str, np.ndarray] | None = None):
     if len(tokens) < batch_size:
       raise ValueError(f"{len(tokens)} unlabelled texts do not fill one batch of {batch_size}")
-    if targets_NxD is not None and len(targets_NxD) != len(tokens):
-      raise ValueError(f"{len(targets_NxD)} target vectors for {len(tokens)} texts")
+    for name, rows in (extras or {}).items():
+      if len(rows) != len(tokens):
+        raise ValueError(f"{len(rows)} rows of {name} for {len(tokens)} texts")
     self.tokens, self.batch_size, self.seed = tokens, batch_size, seed
-    self.buckets, self.pad_id, self.targets = length_buckets(max_len), pad_id, targets_NxD
+    self.buckets, self.pad_id, self.extras = length_buckets(max_len), pad_id, dict(extras or {})
     self.steps_per_epoch = len(tokens) // batch_size
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
@@ -155,8 +169,8 @@ class TextLoader:
     for r, s in enumerate(seqs):
       ids[r, :len(s)], mask[r, :len(s)] = s, 1
     out = {"u_ids_BxLu": ids, "u_mask_BxLu": mask, "u_valid_B": np.ones(len(seqs), bool)}
-    if self.targets is not None:
-      out["u_target_BxD"] = self.targets[rows].astype(np.float32)
+    for name, values in self.extras.items():
+      out[f"u_{name}"] = np.asarray(values[rows], np.float32)
     return out
 
 

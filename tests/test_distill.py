@@ -1,0 +1,241 @@
+"""Distillation: the losses against numpy, teacher stores (built, interrupted, resumed, imported,
+refused), and training from a store under every runner."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from embed_jax import losses
+from embed_jax import train as T
+from embed_jax.data.teacher import (TeacherStore, TeacherStoreError, build_store, dataset_texts,
+                                    import_store)
+
+RNG = np.random.default_rng(0)
+
+
+def _unit(x):
+  x = np.asarray(x, np.float64)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+# ---- losses ----
+
+def test_embedding_distillation_matches_numpy():
+  s, t = RNG.normal(size=(5, 6)), RNG.normal(size=(5, 6))
+  mse = np.mean(np.sum((_unit(s) - _unit(t)) ** 2, -1))
+  cos = np.mean(1 - np.sum(_unit(s) * _unit(t), -1))
+  np.testing.assert_allclose(losses.embedding_distillation(s, t), mse, rtol=1e-5)
+  np.testing.assert_allclose(losses.embedding_distillation(s, t, kind="cosine"), cos, rtol=1e-5)
+  with pytest.raises(ValueError, match="student dims 6 != teacher dims 4"):
+    losses.embedding_distillation(s, t[:, :4])
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_score_distillation_is_the_kl_of_in_batch_distributions(exclude_self):
+  q, d = RNG.normal(size=(4, 6)), RNG.normal(size=(4, 6))
+  tq, td = RNG.normal(size=(4, 10)), RNG.normal(size=(4, 10))  # other dims than the student's
+  got = losses.score_distillation(q, d, teacher_q_BxT=tq, teacher_d_CxT=td, temperature=0.1,
+                                  teacher_temperature=0.2, exclude_self=exclude_self)
+  s, t = _unit(q) @ _unit(d).T / 0.1, _unit(tq) @ _unit(td).T / 0.2
+  rows = []
+  for i in range(4):
+    keep = [j for j in range(4) if not (exclude_self and j == i)]
+    ls, lt = _log_softmax(s[i, keep]), _log_softmax(t[i, keep])
+    rows.append(np.sum(np.exp(lt) * (lt - ls)))
+  np.testing.assert_allclose(got, np.mean(rows), rtol=1e-5)
+  # The student equal to the teacher (same vectors, same temperature) gives 0.
+  same = losses.score_distillation(q, d, teacher_q_BxT=q, teacher_d_CxT=d)
+  assert abs(float(same)) < 1e-6
+
+
+def test_margin_mse_matches_numpy():
+  q, p, n = (RNG.normal(size=(5, 6)) for _ in range(3))
+  tq, tp, tn = (RNG.normal(size=(5, 8)) for _ in range(3))
+  cos = lambda a, b: np.sum(_unit(a) * _unit(b), -1)  # noqa: E731
+  want = np.mean((cos(q, p) - cos(q, n) - (cos(tq, tp) - cos(tq, tn))) ** 2)
+  got = losses.margin_mse(q, p, n, teacher_q_BxT=tq, teacher_p_BxT=tp, teacher_n_BxT=tn)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# ---- teacher stores ----
+
+@pytest.fixture
+def tiny_dataset(tiny_beir):
+  from embed_jax.data import load_beir
+  return load_beir(str(tiny_beir))
+
+
+@pytest.fixture
+def teacher_dir(tmp_path):
+  """A tiny random 'teacher' with 48 dims (the tiny student has 32)."""
+  from embed_jax.testing import make_tiny_model
+  return make_tiny_model(tmp_path / "teacher48", seed=1, hidden_size=48)
+
+
+def test_store_built_interrupted_and_resumed_equals_one_shot(tiny_dataset, teacher_dir, tmp_path):
+  import embed_jax
+  teacher = embed_jax.load(teacher_dir)
+  kinds = ("corpus", "queries")
+  one = build_store(teacher, tiny_dataset, kinds, tmp_path / "one", name="tiny48", chunk=5)
+  part = build_store(teacher, tiny_dataset, kinds, tmp_path / "part", name="tiny48", chunk=5,
+                     stop_after_chunks=2)
+  with pytest.raises(TeacherStoreError, match="incomplete: re-run"):
+    TeacherStore(part)
+  assert json.loads((part / "progress.json").read_text())["rows_done"] == 10
+  build_store(teacher, tiny_dataset, kinds, part, name="tiny48", chunk=5)  # resumes at row 10
+  a, b = TeacherStore(one), TeacherStore(part)
+  np.testing.assert_array_equal(a.vectors, b.vectors)
+  ids, texts = dataset_texts(tiny_dataset, kinds)
+  assert a.ids == ids and a.dims == 48 and len(ids) == 20
+  np.testing.assert_allclose(a.vectors, teacher.encode(texts, normalize=True), atol=1e-6)
+  a.check(tiny_dataset, ids, texts, dims=48, teacher="tiny48")
+  # Another teacher into the partial folder of this one is refused.
+  other = build_store(teacher, tiny_dataset, kinds, tmp_path / "p2", name="tiny48", chunk=5,
+                      stop_after_chunks=1)
+  with pytest.raises(TeacherStoreError, match="another teacher"):
+    build_store(teacher, tiny_dataset, kinds, other, name="someone-else", chunk=5)
+
+
+def test_store_refuses_missing_ids_changed_texts_and_other_teachers(tiny_dataset, teacher_dir,
+                                                                     tmp_path):
+  import embed_jax
+  store_dir = build_store(embed_jax.load(teacher_dir), tiny_dataset, ("corpus",), tmp_path / "s",
+                          name="tiny48")
+  store = TeacherStore(store_dir)
+  ids, texts = dataset_texts(tiny_dataset, ("corpus", "queries"))
+  with pytest.raises(TeacherStoreError, match=r"8 text id\(s\) are not in the teacher store"):
+    store.check(tiny_dataset, ids, texts)
+  ids, texts = dataset_texts(tiny_dataset, ("corpus",))
+  changed = [texts[0] + " (edited)"] + texts[1:]
+  with pytest.raises(TeacherStoreError, match=r"1 text\(s\) of .* differ .*corpus/d0"):
+    store.check(tiny_dataset, ids, changed)
+  with pytest.raises(TeacherStoreError, match="has 48 dims, the config expects 32"):
+    store.check(tiny_dataset, ids, texts, dims=32)
+  with pytest.raises(TeacherStoreError, match="built by tiny48, the config names mpnet"):
+    store.check(tiny_dataset, ids, texts, teacher="mpnet")
+  with pytest.raises(TeacherStoreError, match="not a teacher store"):
+    TeacherStore(tmp_path)
+
+
+def test_import_vectors_computed_elsewhere(tiny_dataset, tmp_path):
+  ids, _ = dataset_texts(tiny_dataset, ("corpus",))
+  vectors = RNG.normal(size=(len(ids), 7)).astype(np.float32)
+  order = RNG.permutation(len(ids))  # any row order: matched by id
+  out = import_store(vectors[order], [ids[i] for i in order], tiny_dataset, ("corpus",),
+                     tmp_path / "imp", name="api-model")
+  store = TeacherStore(out)
+  np.testing.assert_allclose(store.vectors, _unit(vectors), atol=1e-6)
+  with pytest.raises(TeacherStoreError, match="1 of the dataset's texts have no vector"):
+    import_store(vectors[1:], ids[1:], tiny_dataset, ("corpus",), tmp_path / "imp2", name="x")
+
+
+# ---- training from a store ----
+
+def _distill_config(tiny_beir, store, **changes):
+  from tests.test_train import smoke_config
+  return smoke_config(tiny_beir, **{"distill.store": str(store), **changes})
+
+
+def test_unlabelled_distillation_smoke_trains_through_a_projection(tiny_beir, tiny_dataset,
+                                                                    teacher_dir, tmp_path):
+  import embed_jax
+  from embed_jax import hf
+  store = build_store(embed_jax.load(teacher_dir), tiny_dataset, ("corpus", "queries"),
+                      tmp_path / "store", name="tiny48")
+  c = _distill_config(tiny_beir, store, **{
+      "loss.weight": 0.0, "distill.embedding": 1.0, "distill.scores": 1.0,
+      "unlabelled.texts": "corpus+queries", "unlabelled.batch_size": 8, "distill.teacher": "tiny48"})
+  out = T.train(c, tmp_path / "run")
+  metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+  assert "distill_embedding_loss" in metrics and "distill_scores_loss" in metrics
+  config, params = hf.load(out["export"])
+  assert T.DISTILL_PROJECTION not in params and config.embedding_dim == 32
+
+
+def test_pair_distillation_with_labels_smoke(tiny_beir, tiny_dataset, teacher_dir, tmp_path):
+  import embed_jax
+  store = build_store(embed_jax.load(teacher_dir), tiny_dataset, ("corpus", "queries"),
+                      tmp_path / "store", name="tiny48")
+  c = _distill_config(tiny_beir, store, **{"distill.pair_scores": 1.0, "matryoshka.dims": (32, 8)})
+  T.train(c, tmp_path / "run")
+  assert "distill_pair_scores@8" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"distill.scores": 1.0, "distill.store": ""}, r"distill.scores > 0 needs distill.store"),
+    ({"distill.store": "/no/such/store"}, "distill.store='/no/such/store' does not exist"),
+    ({"loss.weight": 0.0}, "nothing to train"),
+    ({"distill.margin_mse": 1.0, "distill.store": "."}, "margin_mse > 0 needs hard negatives"),
+])
+def test_bad_distillation_config_is_refused(change, message, tiny_beir):
+  from tests.test_train import smoke_config
+  with pytest.raises(ValueError, match=message):
+    T.check_config(smoke_config(tiny_beir, **change), num_devices=8)
+
+
+def test_store_of_other_texts_is_refused_before_training(tiny_beir, tiny_dataset, tmp_path):
+  ids, _ = dataset_texts(tiny_dataset, ("corpus", "queries"))
+  store = import_store(RNG.normal(size=(len(ids), 5)), ids, tiny_dataset, ("corpus", "queries"),
+                       tmp_path / "store", name="x")
+  rows = [json.loads(l) for l in (store / "texts.jsonl").read_text().splitlines()]
+  rows[3]["sha1"] = "0" * 16  # as if built from another version of the text
+  (store / "texts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  c = _distill_config(tiny_beir, store, **{"distill.scores": 1.0})
+  with pytest.raises(TeacherStoreError, match="differ from the ones the teacher store"):
+    T.train(c, tmp_path / "run")
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---- runners and gradient caching with every distillation term ----
+
+from tests.test_train import _assert_same, needs_8, synthetic_batch  # noqa: E402
+
+
+def _run_distill(runner_name, devices, chunk=0):
+  from configs import scifact_mnrl
+  from embed_jax.models import SentenceEncoder
+  from embed_jax.testing import init_params, tiny_config
+  c = scifact_mnrl.get_config()
+  c.dropout = False
+  c.train.grad_cache_chunk, c.train.runner = chunk, runner_name
+  c.matryoshka.dims = (32, 16)
+  c.distill.store = "unused"
+  c.distill.embedding, c.distill.scores, c.distill.pair_scores, c.distill.margin_mse = 1.0, 0.5, 0.5, 2.0
+  cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
+  params = T.add_distill_projection(init_params(cfg), 32, 48, seed=0)
+  tx, schedule = T.make_optimizer(c.optim, total_steps=10)
+  axis = "batch" if runner_name == "pmap" else None
+  runner = T.make_runner(runner_name, T.make_train_step(SentenceEncoder(cfg), c, tx, schedule, axis),
+                         devices)
+  state = runner.put_state(T.init_state(params, tx, seed=0))
+  losses_ = []
+  for s in range(2):
+    batch = synthetic_batch(seed=s)
+    r = np.random.default_rng(s + 50)
+    ids = r.integers(5, 100, (16, 12)).astype(np.int32)
+    batch.update(u_ids_BxLu=ids, u_mask_BxLu=np.ones_like(ids), u_valid_B=np.ones(16, bool),
+                 u_teacher_BxT=r.normal(size=(16, 48)).astype(np.float32),
+                 q_teacher_BxT=r.normal(size=(16, 48)).astype(np.float32),
+                 p_teacher_BxT=r.normal(size=(16, 48)).astype(np.float32),
+                 n_teacher_BxNxT=r.normal(size=(16, 1, 48)).astype(np.float32))
+    state, m = runner.step(state, batch)
+    losses_.append(float(m["loss"]))
+  params = jax.tree.map(np.asarray, runner.get_state(state).params)
+  assert np.abs(params[T.DISTILL_PROJECTION]["kernel"]
+                - T.add_distill_projection({}, 32, 48, 0)[T.DISTILL_PROJECTION]["kernel"]).max() > 0
+  return losses_, params
+
+
+@needs_8
+def test_distillation_agrees_across_runners_and_grad_cache():
+  one = _run_distill("jit", jax.devices()[:1])
+  _assert_same(one, _run_distill("jit", jax.devices()[:8]))
+  _assert_same(one, _run_distill("pmap", jax.devices()[:8]))
+  _assert_same(one, _run_distill("jit", jax.devices()[:1], chunk=4))
