@@ -50,7 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Unlabelled texts (text group "u"), read by self-distillation and distillation.
   c.unlabelled = ml_collections.ConfigDict()
-  c.unlabelled.texts = "corpus"  # corpus | queries | corpus+queries (the dataset's, no qrels)
+  # corpus | queries | train_queries | corpus+queries | corpus+train_queries (texts, never qrels;
+  # train_queries leaves the test queries out)
+  c.unlabelled.texts = "corpus"
   c.unlabelled.batch_size = 64  # texts per step, global; a multiple of the devices
 
   # Distillation from a teacher store (`embed-jax teacher`): the teacher never runs in training.

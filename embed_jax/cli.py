@@ -1,4 +1,4 @@
-"""`embed-jax <command>`: encode (and, as they land, eval, train, export, mine, teacher, index)."""
+"""`embed-jax <command>`: encode, eval, train, mine, teacher, fetch-model."""
 
 from __future__ import annotations
 
@@ -168,6 +168,30 @@ def cmd_fetch_model(args) -> None:
   print(fetch.fetch_model(args.model, args.out))
 
 
+def cmd_teacher(args) -> None:
+  from embed_jax.data import load_beir
+  from embed_jax.data.teacher import TeacherStore, build_store, import_store
+  dataset = load_beir(args.dataset, data_dir=args.data_dir)
+  kinds = args.texts
+  if args.import_vectors:
+    if not args.import_ids or not args.name:
+      raise CliError("--import_vectors needs --import_ids (one text id a line: corpus/<doc id> or "
+                     "queries/<query id>) and --name (what computed the vectors)")
+    for path in (args.import_vectors, args.import_ids):
+      if not Path(path).exists():
+        raise CliError(f"{path} does not exist")
+    ids = Path(args.import_ids).read_text(encoding="utf-8").split()
+    out = import_store(np.load(args.import_vectors), ids, dataset, kinds, args.out, name=args.name)
+  else:
+    import embed_jax
+    model = embed_jax.load(args.model, max_seq_length=args.max_seq_length)
+    out = build_store(model, dataset, kinds, args.out, name=args.name or args.model,
+                      dtype=args.dtype, batch_size=args.batch_size)
+  store = TeacherStore(out)
+  print(f"teacher store {out}: {len(store.ids)} texts x {store.dims} dims "
+        f"({store.manifest['teacher']['name']}, {store.manifest['dtype']})")
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="embed-jax", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
@@ -219,6 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
                  help="model folder to write (default ~/.cache/embed_jax/models/<name>, or under "
                       "$EMBED_JAX_MODELS)")
   f.set_defaults(func=cmd_fetch_model)
+
+  te = sub.add_parser("teacher", help="a teacher's embeddings of a dataset's texts, computed once "
+                                      "(resumable), for distillation",
+                      epilog="Re-running the command resumes an interrupted store. Vectors "
+                             "computed elsewhere: --import_vectors V.npy --import_ids ids.txt --name N.")
+  te.add_argument("--model", default="sentence-transformers/all-mpnet-base-v2",
+                  help="the teacher: any local folder or hub id embed_jax loads")
+  te.add_argument("--dataset", default="scifact", help="a BEIR name or folder/zip")
+  te.add_argument("--texts", type=_str_list, default=["corpus", "queries"],
+                  help="comma-separated: corpus,queries")
+  te.add_argument("--out", required=True, help="the store's folder")
+  te.add_argument("--name", default=None, help="the teacher's name in the manifest (default --model)")
+  te.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+  te.add_argument("--batch_size", type=int, default=32)
+  te.add_argument("--max_seq_length", type=int, default=None, help="default: the model's")
+  te.add_argument("--data_dir", default=None, help="TFDS cache folder")
+  te.add_argument("--import_vectors", default=None, help=".npy [N, D] computed elsewhere")
+  te.add_argument("--import_ids", default=None, help="text ids of the rows, one a line")
+  te.set_defaults(func=cmd_teacher)
 
   from embed_jax.data.mining import add_mine_parser
   add_mine_parser(sub)

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 LOSSES = ("mnrl", "triplet")
 DISTILL_PROJECTION = "distill_projection"  # a training-only params key (never exported)
-UNLABELLED_TEXTS = ("corpus", "queries", "corpus+queries")
+UNLABELLED_TEXTS = ("corpus", "queries", "train_queries", "corpus+queries", "corpus+train_queries")
 RUNNERS = ("jit", "pmap")
 
 

@@ -239,3 +239,20 @@ def test_distillation_agrees_across_runners_and_grad_cache():
   _assert_same(one, _run_distill("jit", jax.devices()[:8]))
   _assert_same(one, _run_distill("pmap", jax.devices()[:8]))
   _assert_same(one, _run_distill("jit", jax.devices()[:1], chunk=4))
+
+
+def test_teacher_cli_builds_imports_and_reports_errors(tiny_beir, teacher_dir, tmp_path, capsys):
+  from embed_jax.cli import main
+  out = tmp_path / "store"
+  assert main(["teacher", "--model", str(teacher_dir), "--dataset", str(tiny_beir), "--out", str(out),
+               "--texts", "corpus,queries", "--name", "tiny48"]) == 0
+  assert "20 texts x 48 dims (tiny48, float32)" in capsys.readouterr().out
+  ids = [json.loads(l)["id"] for l in (out / "texts.jsonl").read_text().splitlines()]
+  np.save(tmp_path / "v.npy", np.load(out / "vectors.npy"))
+  (tmp_path / "ids.txt").write_text("\n".join(ids))
+  assert main(["teacher", "--dataset", str(tiny_beir), "--out", str(tmp_path / "imp"),
+               "--import_vectors", str(tmp_path / "v.npy"), "--import_ids", str(tmp_path / "ids.txt"),
+               "--name", "elsewhere"]) == 0
+  assert main(["teacher", "--dataset", str(tiny_beir), "--out", str(tmp_path / "bad"),
+               "--texts", "corpus,answers", "--model", str(teacher_dir)]) == 2
+  assert "choose from corpus, queries" in capsys.readouterr().err

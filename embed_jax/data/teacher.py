@@ -28,7 +28,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-KINDS = ("corpus", "queries")
+KINDS = ("corpus", "queries", "train_queries")  # train_queries: those of the train split only
 
 
 class TeacherStoreError(ValueError):
@@ -48,9 +48,11 @@ def dataset_texts(dataset, kinds: Sequence[str]) -> tuple[list[str], list[str]]:
   if "corpus" in kinds:
     ids += [f"corpus/{d}" for d in dataset.corpus_ids]
     texts += dataset.corpus_texts(" ")
-  if "queries" in kinds:
-    ids += [f"queries/{q}" for q in dataset.queries]
-    texts += list(dataset.queries.values())
+  if "queries" in kinds or "train_queries" in kinds:
+    train = dataset.qrels("train") if "queries" not in kinds else None
+    chosen = [q for q in dataset.queries if train is None or q in train]
+    ids += [f"queries/{q}" for q in chosen]
+    texts += [dataset.queries[q] for q in chosen]
   return ids, texts
 
 
