@@ -1,4 +1,4 @@
-"""`embed-jax <command>`: encode, eval, train, mine, teacher, fetch-model."""
+"""`embed-jax <command>`: encode, eval, sts, train, mine, teacher, fetch-model."""
 
 from __future__ import annotations
 
@@ -168,6 +168,19 @@ def cmd_fetch_model(args) -> None:
   print(fetch.fetch_model(args.model, args.out))
 
 
+def cmd_sts(args) -> None:
+  import embed_jax
+  from embed_jax import evaluate
+  from embed_jax.data.sentences import load_sts
+  out = evaluate.evaluate_sts(embed_jax.load(args.model, max_seq_length=args.max_seq_length),
+                              load_sts(args.dataset, data_dir=args.data_dir), args.split,
+                              batch_size=args.batch_size, truncate_dim=args.truncate_dim)
+  print(f"{out['model']} on {out['dataset']} {out['split']} ({out['pairs']} pairs, {out['dims']} "
+        f"dims): cosine Spearman {out['cosine_spearman']:.2f}, Pearson {out['cosine_pearson']:.2f}")
+  if args.output:
+    atomic_write(Path(args.output), lambda f: f.write(json.dumps(out, indent=2) + "\n"), "w")
+
+
 def cmd_teacher(args) -> None:
   from embed_jax.data import load_beir
   from embed_jax.data.teacher import TeacherStore, build_store, import_store
@@ -243,6 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
                  help="model folder to write (default ~/.cache/embed_jax/models/<name>, or under "
                       "$EMBED_JAX_MODELS)")
   f.set_defaults(func=cmd_fetch_model)
+
+  st = sub.add_parser("sts", help="STS evaluation: Spearman/Pearson of cosine vs gold scores")
+  st.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+  st.add_argument("--dataset", default="stsb", help="a name under $EMBED_JAX_DATA/sts or a folder")
+  st.add_argument("--split", default="test")
+  st.add_argument("--batch_size", type=int, default=64)
+  st.add_argument("--max_seq_length", type=int, default=None)
+  st.add_argument("--truncate_dim", type=int, default=None, help="a Matryoshka prefix")
+  st.add_argument("--data_dir", default=None, help="TFDS cache folder")
+  st.add_argument("--output", default=None, help="write the result as JSON")
+  st.set_defaults(func=cmd_sts)
 
   te = sub.add_parser("teacher", help="a teacher's embeddings of a dataset's texts, computed once "
                                       "(resumable), for distillation",

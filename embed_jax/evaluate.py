@@ -406,3 +406,45 @@ def format_table(results: Sequence[dict], metrics: Sequence[str] = ("ndcg@10", "
     row += [f"{r['bytes_per_doc']:g}", f"{r['ms_per_query']:.3f}"]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# ---- Semantic textual similarity (STS) ----
+# ----------------------------------------------------------------------------------------------
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+  """1-based ranks, ties given their average rank (as scipy.stats.rankdata)."""
+  x = np.asarray(x, np.float64)
+  order = np.argsort(x, kind="stable")
+  sorted_x = x[order]
+  starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
+  ends = np.r_[starts[1:], len(x)]
+  ranks = np.empty(len(x), np.float64)
+  for s, e in zip(starts, ends):
+    ranks[order[s:e]] = (s + e + 1) / 2.0
+  return ranks
+
+
+def pearson(x, y) -> float:
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  x, y = x - x.mean(), y - y.mean()
+  return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
+
+
+def spearman(x, y) -> float:
+  return pearson(_ranks(x), _ranks(y))
+
+
+def evaluate_sts(model, dataset, split: str = "test", *, batch_size: int = 64,
+                 truncate_dim: int | None = None) -> dict:
+  """Spearman and Pearson correlation (x 100, as MTEB reports) of the cosine similarity of each
+  sentence pair with the gold scores; each distinct sentence is encoded once."""
+  a, b, gold = dataset.split(split)
+  unique = sorted(set(a) | set(b))
+  row = {s: i for i, s in enumerate(unique)}
+  emb = model.encode(unique, batch_size=batch_size, normalize=True, truncate_dim=truncate_dim)
+  cos = np.sum(emb[[row[s] for s in a]] * emb[[row[s] for s in b]], axis=1)
+  return {"dataset": dataset.name, "split": split, "pairs": len(gold),
+          "dims": int(emb.shape[1]), "model": str(model.source),
+          "cosine_spearman": 100 * spearman(cos, gold), "cosine_pearson": 100 * pearson(cos, gold)}
