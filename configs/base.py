@@ -90,6 +90,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.projection.dim = 0  # output dims; 0 = none (a model that already has a Dense head keeps it)
   c.projection.init = "prefix"  # prefix (starts as truncation to the first dim dims) | random
 
+  # Extra tasks (embed_jax.tasks): c.tasks.<name> = tasks.task("sts" | "triplets" | "mlm", ...).
+  c.tasks = ml_collections.ConfigDict()
+  c.task_sampling = "all"  # all (every task each step) | round_robin | proportional (one a step)
+  c.export_mlm = False  # also write <workdir>/export_mlm, a BertForMaskedLM folder (MLM head)
+
   c.batch_size = 32  # global, across devices; must divide by the device count
   c.num_epochs = 3
   c.max_steps = 0  # > 0 stops early (smoke runs, budgets)
@@ -107,7 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.runner = "jit"  # jit (a Mesh with a `data` axis) | pmap
   c.train.grad_cache_chunk = 0  # > 0: gradient caching with chunks of this many pairs
-  c.train.log_every = 10  # steps between metric lines
+  c.train.log_every = 10  # steps between metric lines (every step with one task per step)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 50
@@ -118,6 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.evals.dev_every_steps = 0  # nDCG@10 on the dev queries; needs a dev split
   c.evals.test_at_start = False  # also the starting model -> results_before.json (before/after)
   c.evals.test_at_end = True  # BEIR test evaluation of the final model -> results.json
+  c.evals.mlm_heldout = True  # MLM tasks: held-out accuracy/perplexity at start and end
   c.evals.batch_size = 64
   c.export = "final"  # final | best (best dev nDCG@10)
   return c

@@ -127,6 +127,41 @@ def export(params, model_config: ModelConfig, tokenizer, out_dir: str | os.PathL
   rename, so an existing export is either the old one or the new one, never a mix. A non-empty
   `out_dir` that is not a model folder is refused rather than replaced.
   """
+  return _atomic_folder(Path(out_dir), lambda tmp: _write_model(tmp, params, model_config,
+                                                                  tokenizer, base_model))
+
+
+def export_mlm(params, model_config: ModelConfig, tokenizer, out_dir: str | os.PathLike) -> Path:
+  """A BertForMaskedLM folder (encoder keys under `bert.`, the `cls.predictions` head; the
+  decoder tied to the word embeddings), atomically, as `export`."""
+  if model_config.architecture != "bert" or "mlm_head" not in params:
+    raise ValueError("export_mlm needs a BERT-family model with an MLM head (params['mlm_head'])")
+
+  def write(tmp: Path) -> None:
+    from safetensors.numpy import save_file
+    state = {f"bert.{k}": v for k, v in hf.params_to_state_dict(params, model_config).items()
+             if not k.startswith("pooler.")}  # BertForMaskedLM has no pooler
+    for e in hf.mlm_head_table(model_config):
+      value = np.asarray(hf._get(params, e.flax))
+      state[e.hf] = np.ascontiguousarray(value.T if e.transpose else value)
+    for key, value in state.items():
+      if value.dtype != np.int64 and not np.all(np.isfinite(value.astype(np.float32))):
+        raise ValueError(f"parameter {key} has NaN or inf values; refusing to export it")
+    config = hf.hf_config_dict(model_config)
+    config["architectures"] = ["BertForMaskedLM"]
+    config["tie_word_embeddings"] = True
+    _write_json(tmp / "config.json", config)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+      tokenizer.save_pretrained(str(tmp))
+
+  return _atomic_folder(Path(out_dir), write)
+
+
+def _atomic_folder(out_dir: Path, fill) -> Path:
+  """fill(tmp) writes a model folder into a temporary folder beside `out_dir`, which then
+  replaces `out_dir` by rename: an existing folder is either the old one or the new one, never a
+  mix. A non-empty `out_dir` that is not a model folder is refused rather than replaced."""
   out_dir = Path(out_dir).absolute()
   if out_dir.exists():
     if not out_dir.is_dir():
@@ -137,7 +172,7 @@ def export(params, model_config: ModelConfig, tokenizer, out_dir: str | os.PathL
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
   try:
-    _write_model(tmp, params, model_config, tokenizer, base_model)
+    fill(tmp)
     os.chmod(tmp, 0o755)
     if out_dir.exists():
       old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

@@ -319,6 +319,13 @@ def mpnet_table(config: ModelConfig) -> list[Entry]:
   return table
 
 
+def mlm_head_table(config: ModelConfig) -> list[Entry]:
+  """BertForMaskedLM's prediction head (the decoder is tied to the word embeddings)."""
+  p = "cls.predictions"
+  return [*_dense(f"{p}.transform.dense", "mlm_head/dense"),
+          *_norm(f"{p}.transform.LayerNorm", "mlm_head/LayerNorm"), Entry(f"{p}.bias", "mlm_head/bias")]
+
+
 NAME_TABLES: dict[str, Callable[[ModelConfig], list[Entry]]] = {"bert": bert_table,
                                                                 "mpnet": mpnet_table}
 # Key prefixes of task models (BertForMaskedLM, MPNetForMaskedLM and friends) in front of the
@@ -397,7 +404,8 @@ def state_dict_to_params(state: dict[str, np.ndarray], config: ModelConfig,
           f"{source}: tensor {e.hf} has shape {tuple(state[e.hf].shape)}, but config.json implies "
           f"{params_shape[::-1] if e.transpose else params_shape}")
     _set(params, e.flax, np.ascontiguousarray(value).astype(config.param_dtype))
-  unused = sorted(k for k in state.keys() - wanted if k != "embeddings.position_ids")
+  unused = sorted(k for k in state.keys() - wanted
+                  if k != "embeddings.position_ids" and not k.startswith("cls.predictions."))
   if unused:
     log.warning("%s: %d tensor(s) not used by the encoder, e.g. %s", source, len(unused), unused[:3])
   return params
@@ -425,6 +433,11 @@ def load(folder: str | os.PathLike, **overrides) -> tuple[ModelConfig, dict]:
   config = config.replace(add_pooler=any(k.endswith("pooler.dense.weight") for k in state),
                           position_ids_buffer="embeddings.position_ids" in state)
   params = state_dict_to_params(state, config, source=str(_safetensors_files(folder)[0]))
+  head = mlm_head_table(config) if config.architecture == "bert" else []
+  if head and all(e.hf in state for e in head):  # a BertForMaskedLM checkpoint
+    for e in head:
+      _set(params, e.flax, np.ascontiguousarray(state[e.hf].T if e.transpose else state[e.hf])
+           .astype(config.param_dtype))
   if config.dense_features:
     path = folder / dense_module_path(_read_json(folder / "modules.json"))
     params["dense"] = dense_state_to_params(read_safetensors(path), config, str(path))

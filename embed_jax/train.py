@@ -31,6 +31,8 @@ from embed_jax import hf, losses
 from embed_jax.embedder import Embedder, load_tokenizer
 from embed_jax.data.pairs import MergedLoader
 from embed_jax.models import SentenceEncoder
+from embed_jax.models.mlm import mlm_rows
+from embed_jax.tasks import mlm_specs, task_terms
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +113,11 @@ def _objective_problems(config, num_devices: int) -> list[str]:
              "distill.scores": dist.scores, "distill.pair_scores": dist.pair_scores,
              "distill.margin_mse": dist.margin_mse}
   problems += [f"{k}={v} must be >= 0" for k, v in weights.items() if v < 0]
-  if not uses_pairs(config) and not uses_unlabelled(config):
-    problems.append("nothing to train: loss.weight is 0 and no (self-)distillation weight is > 0")
+  if not uses_pairs(config) and not uses_unlabelled(config) and not config.tasks:
+    problems.append("nothing to train: loss.weight is 0, no (self-)distillation weight is > 0 "
+                    "and there are no tasks")
+  from embed_jax.tasks import task_problems
+  problems += task_problems(config, num_devices)
   if sd.weight > 0:
     if not mrl.dims:
       problems.append("matryoshka.self_distill.weight > 0 needs matryoshka.dims")
@@ -209,15 +214,17 @@ def init_state(params, tx, seed: int) -> TrainState:
 # The step: encode the batch, the loss over the (global) batch, AdamW.
 # ----------------------------------------------------------------------------------------------
 
-def text_groups(batch) -> dict[str, tuple[str, str]]:
-  """The batch's text groups: name -> (ids key, mask key). A group `g` is the int32 arrays
-  `g_ids_<shape>` and `g_mask_<shape>` [..., L]: q (queries), p (positives), n (hard negatives
-  [B, N, L]), u (unlabelled texts for self-distillation). Every other key is a loss input."""
+def text_groups(batch) -> dict[str, tuple[str, ...]]:
+  """The batch's text groups: name -> (ids key, mask key[, words key]). A group `g` is the int32
+  arrays `g_ids_<shape>` and `g_mask_<shape>` [..., L] (and `g_words_<shape>`, word indices for
+  whole-word masking): q (queries), p (positives), n (hard negatives [B, N, L]), u (unlabelled
+  texts), `<task>.<g>` (extra tasks). Every other key is a loss input."""
   out = {}
   for key in batch:
     name, sep, shape = key.partition("_ids_")
     if sep:
-      out[name] = (key, f"{name}_mask_{shape}")
+      words = f"{name}_words_{shape}"
+      out[name] = (key, f"{name}_mask_{shape}") + ((words,) if words in batch else ())
   return dict(sorted(out.items()))
 
 
@@ -230,14 +237,24 @@ def _salt(name: str) -> int:
 
 
 def embed_groups(module: SentenceEncoder, params, batch, rng, train: bool,
-                 layers: tuple[int, ...] = ()) -> dict:
+                 layers: tuple[int, ...] = (), mlm: dict | None = None, mask_key=None,
+                 chunk_id=0) -> dict:
   """Raw embeddings of every text group: [..., E], or [..., 1 + K, E] with earlier `layers`; with
   a distillation projection in `params`, also u_proj, the unlabelled texts in the teacher's space."""
   out = {}
   projection = params.get(DISTILL_PROJECTION)
   params = {k: v for k, v in params.items() if k != DISTILL_PROJECTION}
-  for name, (ids_key, mask_key) in text_groups(batch).items():
-    ids, mask = batch[ids_key], batch[mask_key]
+  for name, keys in text_groups(batch).items():
+    ids, mask = batch[keys[0]], batch[keys[1]]
+    if mlm and name in mlm:  # masked LM: per-row [cross-entropy, masked, correct] sums
+      # Masks from the step's key and each row's global index (this call holds rows
+      # chunk_id * B .. + B), so every runner and chunking masks the same tokens.
+      key = jax.random.fold_in(rng if mask_key is None else mask_key, _salt(name) + 1)
+      out[name] = mlm_rows(module, params, ids, mask, key, mlm[name], deterministic=not train,
+                           dropout_rng=jax.random.fold_in(rng, _salt(name)),
+                           words_BxL=batch[keys[2]] if len(keys) > 2 else None,
+                           row_offset=chunk_id * ids.shape[0])
+      continue
     kw = {"rngs": {"dropout": jax.random.fold_in(rng, _salt(name))}} if train else {}
     flat = (ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1]))
     if layers:
@@ -267,14 +284,16 @@ def _pair_loss_fn(config) -> Callable:
   return base
 
 
-def make_loss(config) -> Callable:
+def make_loss(config, tasks=()) -> Callable:
   """loss(embs, arrays) -> (scalar, aux metrics), the weighted sum of the run's terms:
     pairs          the labelled pairs loss (loss.name) at each Matryoshka prefix and extra layer
     self_distill   prefix self-distillation on the unlabelled texts
     distill_*      distillation from the teacher's stored vectors: embedding (unlabelled texts),
                    scores (KL over the unlabelled batch), pair_scores (KL over queries x
                    positives), margin_mse (query, positive, first hard negative)
-  Score terms are Matryoshka-wrapped too (each student prefix against the full teacher)."""
+    <task>         each extra task's loss (embed_jax.tasks), weighted
+  Score terms are Matryoshka-wrapped too (each student prefix against the full teacher). Only the
+  terms whose texts are in the batch count: with one task per step, the others are absent."""
   mrl, sd, dist = config.matryoshka, config.matryoshka.self_distill, config.distill
   dims, weights = tuple(mrl.dims), tuple(mrl.weights) or (1.0,) * len(mrl.dims)
   layers = tuple(mrl.layers)
@@ -293,7 +312,7 @@ def make_loss(config) -> Callable:
     aux, parts = {}, {}
     last = (lambda x: x if x is None or not layers else x[..., 0, :])  # noqa: E731
     q, p, n, u = (last(embs.get(g)) for g in ("q", "p", "n", "u"))
-    if config.loss.weight > 0:
+    if config.loss.weight > 0 and q is not None:
       parts["pairs"] = (config.loss.weight,
                         prefixes(base, config.loss.name, aux, q, p, n, arrays=arrays))
       if layers:  # index 0 is the last layer; the earlier layers' losses are averaged, weighted
@@ -302,34 +321,39 @@ def make_loss(config) -> Callable:
                           at(embs["p"], j), at(embs.get("n"), j), arrays=arrays)
                  for j, layer in enumerate(layers, 1)]
         parts["pairs_layers"] = (mrl.layer_weight, sum(prior) / len(prior))
-    if sd.weight > 0:
+    if sd.weight > 0 and u is not None:
       parts["self_distill"] = (sd.weight, losses.prefix_self_distillation(
           u, dims, target_BxD=arrays.get("u_target_BxD"), pairwise=sd.pairwise, topk=sd.topk,
           k=sd.k, valid_B=arrays["u_valid_B"]))
     kl = dict(temperature=dist.temperature, teacher_temperature=dist.teacher_temperature)
-    if dist.embedding > 0:
+    if dist.embedding > 0 and u is not None:
       student = last(embs["u_proj"]) if "u_proj" in embs else u
       parts["distill_embedding"] = (dist.embedding, losses.embedding_distillation(
           student, arrays["u_teacher_BxT"], kind=dist.embedding_kind, valid_B=arrays["u_valid_B"]))
-    if dist.scores > 0:
+    if dist.scores > 0 and u is not None:
       t = arrays["u_teacher_BxT"]
       parts["distill_scores"] = (dist.scores, prefixes(
           lambda a, b: losses.score_distillation(
               a, b, teacher_q_BxT=t, teacher_d_CxT=t, valid_B=arrays["u_valid_B"],
               valid_C=arrays["u_valid_B"], exclude_self=True, **kl), "distill_scores", aux, u, u))
-    if dist.pair_scores > 0:
+    if dist.pair_scores > 0 and q is not None:
       parts["distill_pair_scores"] = (dist.pair_scores, prefixes(
           lambda a, b: losses.score_distillation(
               a, b, teacher_q_BxT=arrays["q_teacher_BxT"], teacher_d_CxT=arrays["p_teacher_BxT"],
               valid_B=arrays["valid_B"], valid_C=arrays["valid_B"], **kl),
           "distill_pair_scores", aux, q, p))
-    if dist.margin_mse > 0:
+    if dist.margin_mse > 0 and q is not None:
       parts["distill_margin_mse"] = (dist.margin_mse, prefixes(
           lambda a, b, c: losses.margin_mse(
               a, b, c, teacher_q_BxT=arrays["q_teacher_BxT"], teacher_p_BxT=arrays["p_teacher_BxT"],
               teacher_n_BxT=arrays["n_teacher_BxNxT"][:, 0], valid_B=arrays["valid_B"]),
           "distill_margin_mse", aux, q, p, n[:, 0]))
-    if len(parts) > 1:
+    mlm_groups = {t.groups[0] for t in tasks if t.spec is not None}  # [B, 3] rows, no layer axis
+    parts.update(task_terms(tasks, {k: v if k in mlm_groups else last(v) for k, v in embs.items()},
+                            arrays, aux))
+    if config.task_sampling == "proportional":  # the weights were the sampling shares
+      parts = {k: (1.0, value) for k, (_, value) in parts.items()}
+    if len(parts) > 1 or tasks:
       aux.update({f"{name}_loss": value for name, (_, value) in parts.items()})
     return sum(w * value for w, value in parts.values()), aux
 
@@ -344,12 +368,14 @@ def _gather(tree, axis_name):
 
 
 def make_train_step(module: SentenceEncoder, config: ml_collections.ConfigDict, tx, schedule,
-                    axis_name: str | None = None) -> Callable:
-  """step(state, batch) -> (state, metrics): pure; jit it, pmap it (axis_name), or call it."""
+                    axis_name: str | None = None, tasks=()) -> Callable:
+  """step(state, batch) -> (state, metrics): pure; jit it, pmap it (axis_name), or call it.
+  `tasks` are the extra tasks (embed_jax.tasks.build_tasks); a batch may hold any subset."""
   train = bool(config.dropout)
   chunk = int(config.train.grad_cache_chunk)
   layers = tuple(config.matryoshka.layers)
-  loss_fn = make_loss(config)
+  loss_fn = make_loss(config, tasks)
+  mlm = mlm_specs(tasks)
 
   def split(batch):
     text_keys = {k for pair in text_groups(batch).values() for k in pair}
@@ -359,47 +385,54 @@ def make_train_step(module: SentenceEncoder, config: ml_collections.ConfigDict, 
   def loss_from_local_embeddings(embs, arrays):
     return loss_fn(_gather(embs, axis_name), _gather(arrays, axis_name))
 
-  def plain_grads(params, batch, rng):
+  def plain_grads(params, batch, rng, mask_key, device):
     text, arrays = split(batch)
 
     def loss_of_params(params):
       # The whole batch is chunk 0: the same dropout draw as gradient caching with one chunk.
-      embs = embed_groups(module, params, text, jax.random.fold_in(rng, 0), train, layers)
+      embs = embed_groups(module, params, text, jax.random.fold_in(rng, 0), train, layers, mlm,
+                          mask_key, device)
       return loss_from_local_embeddings(embs, arrays)
     return jax.value_and_grad(loss_of_params, has_aux=True)(params)
 
-  def cached_grads(params, batch, rng):
+  def cached_grads(params, batch, rng, mask_key, device):
     """Gradient caching: embed every chunk without gradients, take the loss gradient w.r.t. the
     embeddings, then back-propagate chunk by chunk. Peak memory grows with the chunk only. Every
     text group is cut into the same number of chunks (the pairs' batch / chunk)."""
     text, arrays = split(batch)
-    main = text["q_ids_BxLq"] if "q_ids_BxLq" in text else text["u_ids_BxLu"]
-    n_chunks = main.shape[0] // chunk
+    groups = text_groups(text)  # chunks count the pairs' batch, else the first group's
+    n_chunks = text[groups["q"][0] if "q" in groups else next(iter(groups.values()))[0]].shape[0] // chunk
     chunked = lambda x: x.reshape(n_chunks, x.shape[0] // n_chunks, *x.shape[1:])  # noqa: E731
     chunks = jax.tree.map(chunked, text)
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n_chunks))
+    ids = device * n_chunks + jnp.arange(n_chunks)  # global chunk index: MLM masks' rows
 
-    def embed_chunk(params, chunk_text, key):  # the same key in both passes: same dropout
-      return embed_groups(module, params, chunk_text, key, train, layers)
+    def embed_chunk(params, chunk_text, key, chunk_id):  # the same key in both passes: same dropout
+      return embed_groups(module, params, chunk_text, key, train, layers, mlm, mask_key, chunk_id)
 
-    embs = jax.lax.map(lambda a: embed_chunk(jax.lax.stop_gradient(params), *a), (chunks, keys))
+    embs = jax.lax.map(lambda a: embed_chunk(jax.lax.stop_gradient(params), *a),
+                       (chunks, keys, ids))
     embs = jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), embs)
     (loss, aux), emb_grads = jax.value_and_grad(loss_from_local_embeddings, has_aux=True)(embs, arrays)
     emb_grads = jax.tree.map(chunked, emb_grads)
 
     def backward(acc, a):
-      chunk_text, key, g = a
-      _, vjp = jax.vjp(lambda p: embed_chunk(p, chunk_text, key), params)
+      chunk_text, key, chunk_id, g = a
+      _, vjp = jax.vjp(lambda p: embed_chunk(p, chunk_text, key, chunk_id), params)
       return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
 
-    grads, _ = jax.lax.scan(backward, jax.tree.map(jnp.zeros_like, params), (chunks, keys, emb_grads))
+    grads, _ = jax.lax.scan(backward, jax.tree.map(jnp.zeros_like, params),
+                            (chunks, keys, ids, emb_grads))
     return (loss, aux), grads
 
   def step(state: TrainState, batch) -> tuple[TrainState, dict]:
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    rng, device = step_key, 0
     if axis_name is not None:  # a different dropout draw on each device's shard
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    (loss, aux), grads = (cached_grads if chunk else plain_grads)(state.params, batch, rng)
+      device = jax.lax.axis_index(axis_name)
+      rng = jax.random.fold_in(rng, device)
+    (loss, aux), grads = (cached_grads if chunk else plain_grads)(state.params, batch, rng,
+                                                                  step_key, device)
     if axis_name is not None:
       # Every device computed the global loss; each gradient holds its own shard's path (times
       # the device count, from all_gather's transpose), so the mean is the full gradient.
@@ -581,6 +614,14 @@ def unlabelled_loader(config, dataset, tokenizer, model_config, start: Embedder,
                     max_len=config.max_seq_length, pad_id=model_config.pad_token_id, extras=extras)
 
 
+def add_mlm_head(params, module: SentenceEncoder, seed: int):
+  """A freshly initialised MLM head (BERT's initialisation) beside the encoder's params."""
+  ids_1x8 = jnp.zeros((1, 8), jnp.int32)
+  head = module.init(jax.random.key(seed), ids_1x8, ids_1x8, jnp.zeros((1, 2), jnp.int32),
+                     method=SentenceEncoder.mlm_logits)["params"]["mlm_head"]
+  return {**params, "mlm_head": jax.tree.map(np.asarray, head)}
+
+
 def add_distill_projection(params, student_dims: int, teacher_dims: int, seed: int):
   """A linear map student -> teacher dims for embedding distillation, trained with the model and
   never exported (SentenceEncoder ignores the extra key)."""
@@ -726,7 +767,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   if uses_unlabelled(config):
     loaders.append(unlabelled_loader(config, dataset, tokenizer, model_config, embedder(params),
                                      workdir, store))
-  loader = loaders[0] if len(loaders) == 1 else MergedLoader(*loaders)
+  from embed_jax.tasks import SampledLoader, build_tasks
+  tasks = build_tasks(config, tokenizer, model_config, dataset)
+  if any(t.spec is not None for t in tasks) and "mlm_head" not in params:
+    params = add_mlm_head(params, module, config.seed)
+    log.info("%s has no MLM head (cls.predictions): initialised one", source)
+  main = [] if not loaders else [loaders[0] if len(loaders) == 1 else MergedLoader(*loaders)]
+  everything = main + [t.loader for t in tasks]
+  if len(everything) == 1 or config.task_sampling == "all":
+    loader = everything[0] if len(everything) == 1 else MergedLoader(*everything)
+  else:
+    loader = SampledLoader(everything, [1.0] * len(main) + [t.cfg.weight for t in tasks],
+                           config.task_sampling, config.seed)
   if config.distill.embedding > 0 and store.dims != model_config.embedding_dim:
     params = add_distill_projection(params, model_config.embedding_dim, store.dims, config.seed)
     log.info("embedding distillation through a learned %d -> %d projection (not exported)",
@@ -758,7 +810,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
   # ---- step and runner ----
   axis = "batch" if config.train.runner == "pmap" else None
-  step_fn = make_train_step(module, config, tx, schedule, axis_name=axis)
+  step_fn = make_train_step(module, config, tx, schedule, axis_name=axis, tasks=tasks)
   runner = make_runner(config.train.runner, step_fn, devices)
   state = runner.put_state(state)
 
@@ -783,6 +835,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   before = workdir / "results_before.json"
   if config.evals.test_at_start and start == 0 and not before.exists():
     log.info("test nDCG@10 before training %.4f", test_eval(params, before.name))
+  held_out = [t for t in tasks if t.heldout is not None] if config.evals.mlm_heldout else []
+
+  def mlm_eval(params, name: str) -> dict:
+    from embed_jax.tasks import mlm_evaluate
+    out = {t.name: mlm_evaluate(module, params, t, config.seed) for t in held_out}
+    for task_name, m in out.items():
+      log.info("%s (%s): held-out masked-token accuracy %.4f, perplexity %.2f", task_name, name,
+               m["mlm_heldout_accuracy"], m["mlm_heldout_perplexity"])
+    atomic_write(workdir / name, lambda f: f.write(json.dumps(out, indent=2) + "\n"), "w")
+    return out
+
+  if held_out and start == 0 and not (workdir / "mlm_before.json").exists():
+    mlm_eval(params, "mlm_before.json")
   end = total_steps if stop_after is None else min(total_steps, start + stop_after)
   _truncate_metrics(workdir / "metrics.jsonl", start)
   metrics_file = open(workdir / "metrics.jsonl", "a", encoding="utf-8")
@@ -800,7 +865,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       where = f"step {last_good} in {workdir / 'checkpoints'}" if last_good is not None else "none yet"
       raise TrainingError(f"non-finite loss {m['loss']} at step {step}; last good checkpoint: "
                           f"{where}. Lower optim.lr or check the data.")
-    if step % config.train.log_every == 0 or step == total_steps - 1:
+    # With one task per step, every step is logged (each carries its own task's metrics).
+    if (step % config.train.log_every == 0 or step == total_steps - 1
+        or config.task_sampling != "all"):
       metrics_file.write(json.dumps({"step": step, **m}) + "\n")
       metrics_file.flush()
     bar.set_postfix(loss=f"{m['loss']:.4f}")
@@ -847,6 +914,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
              meta["best_dev"])
   out_dir = export(params, export_config, tokenizer, workdir / "export", base_model=config.model)
   summary["export"] = str(out_dir)
+  if config.export_mlm:
+    from embed_jax.checkpoint import export_mlm
+    summary["export_mlm"] = str(export_mlm(params, export_config, tokenizer, workdir / "export_mlm"))
+  if held_out:
+    first = workdir / "mlm_before.json"
+    summary["mlm"] = {"before": json.loads(first.read_text()) if first.exists() else None,
+                      "after": mlm_eval(params, "mlm_after.json")}
   if before.exists():
     summary["test_ndcg@10_before"] = json.loads(before.read_text())["results"][0]["metrics"]["ndcg@10"]
   if config.evals.test_at_end:

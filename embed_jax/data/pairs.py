@@ -137,41 +137,71 @@ class PairLoader:
     return out
 
 
-class TextLoader:
-  """batch(step) -> unlabelled texts: u_ids_BxLu, u_mask_BxLu, u_valid_B and, for each
-  `extras` entry (an array with a row per text, e.g. a frozen model's or a teacher's embeddings),
-  u_<name> holding the batch's rows (`extras={"target_BxD": ...}` gives u_target_BxD).
+class TupleLoader:
+  """batch(step) -> fixed-shape batches of rows of texts: for each column `g`, g_ids_BxL and
+  g_mask_BxL (and g_words_BxL, each token's word index in its row, when `words` flags WordPiece
+  continuations), `valid_key` marking real rows, and each `arrays` entry's rows.
 
-  Always full batches: an epoch is a (seed, epoch) permutation of the texts cut into
-  len // batch_size batches (the remainder waits for the next epoch's order), independent of the
-  pairs' epochs; the batch of a step is a function of the step alone, as for PairLoader.
+  An epoch is a (seed, epoch, salt) permutation of the rows; the final partial batch is padded
+  with the first row and masked (`valid_key`), or dropped with `drop_last`. The batch of a step is
+  a function of the step alone.
   """
 
-  def __init__(self, tokens: list[list[int]], *, batch_size: int, seed: int, max_len: int,
-               pad_id: int = 0, extras: dict[str, np.ndarray] | None = None):
-    if len(tokens) < batch_size:
-      raise ValueError(f"{len(tokens)} unlabelled texts do not fill one batch of {batch_size}")
-    for name, rows in (extras or {}).items():
-      if len(rows) != len(tokens):
-        raise ValueError(f"{len(rows)} rows of {name} for {len(tokens)} texts")
-    self.tokens, self.batch_size, self.seed = tokens, batch_size, seed
-    self.buckets, self.pad_id, self.extras = length_buckets(max_len), pad_id, dict(extras or {})
-    self.steps_per_epoch = len(tokens) // batch_size
+  def __init__(self, columns: dict[str, list[list[int]]], *, batch_size: int, seed: int,
+               max_len: int, pad_id: int = 0, arrays: dict[str, np.ndarray] | None = None,
+               valid_key: str = "valid_B", salt: int = 0, drop_last: bool = False,
+               continuation: dict[str, list[list[bool]]] | None = None):
+    n = len(next(iter(columns.values())))
+    if any(len(c) != n for c in columns.values()):
+      raise ValueError("every column needs one token list per row")
+    for name, rows in (arrays or {}).items():
+      if len(rows) != n:
+        raise ValueError(f"{len(rows)} rows of {name} for {n} texts")
+    if n < (batch_size if drop_last else 1):
+      raise ValueError(f"{n} rows do not fill one batch of {batch_size}")
+    self.columns, self.arrays, self.n = columns, dict(arrays or {}), n
+    self.batch_size, self.seed, self.salt, self.valid_key = batch_size, seed, salt, valid_key
+    self.buckets, self.pad_id = length_buckets(max_len), pad_id
+    self.continuation = continuation or {}
+    self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     epoch, i = divmod(step, self.steps_per_epoch)
-    order = np.random.default_rng([self.seed, epoch, 2]).permutation(len(self.tokens))
+    order = np.random.default_rng([self.seed, epoch, self.salt]).permutation(self.n)
     rows = order[i * self.batch_size:(i + 1) * self.batch_size]
-    seqs = [self.tokens[r] for r in rows]
-    length = bucket_for(max(map(len, seqs)), self.buckets)
-    ids = np.full((len(seqs), length), self.pad_id, np.int32)
-    mask = np.zeros((len(seqs), length), np.int32)
-    for r, s in enumerate(seqs):
-      ids[r, :len(s)], mask[r, :len(s)] = s, 1
-    out = {"u_ids_BxLu": ids, "u_mask_BxLu": mask, "u_valid_B": np.ones(len(seqs), bool)}
-    for name, values in self.extras.items():
-      out[f"u_{name}"] = np.asarray(values[rows], np.float32)
+    valid = np.arange(self.batch_size) < len(rows)
+    rows = np.concatenate([rows, np.full(self.batch_size - len(rows), rows[0])]).astype(np.int64)
+    out = {self.valid_key: valid}
+    for name, tokens in self.columns.items():
+      seqs = [tokens[r] for r in rows]
+      length = bucket_for(max(map(len, seqs)), self.buckets)
+      ids = np.full((len(seqs), length), self.pad_id, np.int32)
+      mask = np.zeros((len(seqs), length), np.int32)
+      for r, seq in enumerate(seqs):
+        ids[r, :len(seq)], mask[r, :len(seq)] = seq, 1
+      out[f"{name}_ids_BxL"], out[f"{name}_mask_BxL"] = ids, mask
+      if name in self.continuation:
+        words = np.zeros((len(seqs), length), np.int32)
+        for r, row in enumerate(rows):
+          cont = np.asarray(self.continuation[name][row], bool)
+          words[r, :len(cont)] = np.cumsum(~cont) - 1
+        out[f"{name}_words_BxL"] = words
+    for name, values in self.arrays.items():
+      out[name] = np.asarray(values[rows])
     return out
+
+
+def TextLoader(tokens: list[list[int]], *, batch_size: int, seed: int, max_len: int,
+               pad_id: int = 0, extras: dict[str, np.ndarray] | None = None) -> TupleLoader:
+  """Unlabelled texts (group u): u_ids_BxLu, u_mask_BxLu, u_valid_B, and for each `extras` entry
+  (a row per text, e.g. a frozen model's or a teacher's embeddings) u_<name> with the batch's
+  rows. Always full batches (the remainder waits for the next epoch's order)."""
+  if len(tokens) < batch_size:
+    raise ValueError(f"{len(tokens)} unlabelled texts do not fill one batch of {batch_size}")
+  loader = TupleLoader({"u": tokens}, batch_size=batch_size, seed=seed, max_len=max_len,
+                       pad_id=pad_id, valid_key="u_valid_B", salt=2, drop_last=True,
+                       arrays={f"u_{k}": np.asarray(v, np.float32) for k, v in (extras or {}).items()})
+  return loader
 
 
 class MergedLoader:

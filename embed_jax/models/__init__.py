@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from embed_jax.models.bert import BertModel
 from embed_jax.models.config import ModelConfig
+from embed_jax.models.mlm import MLMHead
 from embed_jax.models.mpnet import MPNetModel
 from embed_jax.models.pooling import l2_normalize, pool
 
@@ -31,6 +32,9 @@ class SentenceEncoder(nn.Module):
                        f"supported: {', '.join(supported_architectures())}")
     self.encoder = ENCODERS[self.config.architecture](self.config)
     cfg = self.config
+    # The MLM head's params exist only where `mlm_logits` is used (MLM training, or a checkpoint
+    # that has `cls.predictions.*`): sentence embeddings never touch it.
+    self.mlm_head = MLMHead(cfg)
     if cfg.dense_features:
       self.dense = nn.Dense(cfg.dense_features, use_bias=cfg.dense_bias, dtype=jnp.float32,
                             param_dtype=cfg.param_dtype)
@@ -54,6 +58,14 @@ class SentenceEncoder(nn.Module):
     unit = self.config.normalize if normalize is None else normalize
     return l2_normalize(emb_BxE) if unit else emb_BxE
 
+
+  def mlm_logits(self, ids_BxL, mask_BxL, positions_BxK, *, deterministic: bool = True):
+    """Vocabulary logits [B, K, V] at `positions` (the masked tokens), decoder tied to the word
+    embeddings (BERT family)."""
+    hidden_BxLxH = self.encode_tokens(ids_BxL, mask_BxL, deterministic=deterministic)
+    h_BxKxH = jnp.take_along_axis(hidden_BxLxH, positions_BxK[..., None], axis=1)
+    table_VxH = self.encoder.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+    return self.mlm_head(h_BxKxH, table_VxH)
 
   def embed_layers(self, ids_BxL, mask_BxL, layers: tuple[int, ...], *,
                    deterministic: bool = True) -> jnp.ndarray:
