@@ -11,7 +11,7 @@ import pytest
 from embed_jax import train as T
 from embed_jax.models.mlm import MaskingSpec, budget, mask_tokens
 from embed_jax.tasks import SampledLoader, task
-from tests.test_train import _assert_same, needs_8, smoke_config
+from tests.test_train import _assert_same, needs_8, set_fields, smoke_config
 
 SPEC = MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=130)
 
@@ -98,13 +98,7 @@ def _multi(tiny_beir, tmp_path, **changes):
   c.tasks.nli = task("triplets", dataset=str(_write_triplets(tmp_path / "nli")), split="dev",
                      batch_size=8, weight=2.0, matryoshka_dims=(32, 8))
   c.tasks.mlm = task("mlm", batch_size=8, weight=0.25, heldout_fraction=0.2)
-  for key, value in changes.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return set_fields(c, changes)
 
 
 def test_multitask_smoke_logs_each_task_and_the_weighted_sum(tiny_beir, tmp_path):

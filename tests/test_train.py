@@ -18,10 +18,8 @@ from configs import scifact_mnrl  # noqa: E402
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
 
-def smoke_config(dataset, **changes):
-  c = scifact_mnrl.get_config("smoke")
-  c.data.dataset = str(dataset)
-  c.evals.test_at_end = True
+def set_fields(c, changes: dict):
+  """Sets dotted config fields: {"optim.lr": 1e-3} -> c.optim.lr = 1e-3."""
   for key, value in changes.items():
     node = c
     *parents, leaf = key.split(".")
@@ -29,6 +27,13 @@ def smoke_config(dataset, **changes):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def smoke_config(dataset, **changes):
+  c = scifact_mnrl.get_config("smoke")
+  c.data.dataset = str(dataset)
+  c.evals.test_at_end = True
+  return set_fields(c, changes)
 
 
 def synthetic_batch(b=16, n=1, lq=8, ld=16, seed=0, vocab=100):
