@@ -223,3 +223,23 @@ def test_tasks_agree_across_runners_and_grad_cache(tiny_beir, tmp_path):
 def test_bad_task_config_is_refused(change, message, tiny_beir, tmp_path):
   with pytest.raises(ValueError, match=message):
     T.check_config(_multi(tiny_beir, tmp_path, **change), num_devices=8)
+
+
+def test_domain_adaptation_configs_smoke(tiny_beir, tmp_path):
+  """configs/scifact_mlm.py:smoke and configs/scifact_multitask.py:smoke (real STS-B and SNLI
+  files, a tiny model) run end to end through the CLI."""
+  from embed_jax.cli import main
+  from tests.conftest import REPO, data_root
+  rc = main(["train", "--config", f"{REPO}/configs/scifact_mlm.py:smoke", "--workdir",
+             str(tmp_path / "mlm"), f"--config.data.dataset={tiny_beir}"])
+  assert rc == 0 and (tmp_path / "mlm" / "export_mlm" / "model.safetensors").exists()
+  after = json.loads((tmp_path / "mlm" / "mlm_after.json").read_text())["mlm"]
+  assert after["mlm_heldout_tokens"] > 0
+  if data_root() is None or not (data_root() / "sts" / "stsb").exists():
+    pytest.skip("no ../shared/data for the STS-B and SNLI tasks")
+  rc = main(["train", "--config", f"{REPO}/configs/scifact_multitask.py:smoke", "--workdir",
+             str(tmp_path / "multi"), f"--config.data.dataset={tiny_beir}",
+             "--config.tasks.stsb.max_seq_length=32", "--config.tasks.nli.max_seq_length=32"])
+  assert rc == 0
+  first = json.loads((tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()[0])
+  assert {"stsb_loss", "nli_loss", "pairs_loss"} <= set(first)
