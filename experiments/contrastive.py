@@ -40,6 +40,8 @@ def main():
            "embed_jax": results["results"][0]["metrics"],
            "model_fingerprint": results["settings"]["model_fingerprint"], "export": summary["export"]}
     row["sentence_transformers"] = st_evaluate(row["export"])
+    OUT.mkdir(parents=True, exist_ok=True)  # the run's full test metrics and settings
+    (OUT / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     row["ndcg@10_difference"] = row["sentence_transformers"]["ndcg@10"] - row["embed_jax"]["ndcg@10"]
     rows.append(row)
     print(f"{name}: nDCG@10 {row['embed_jax']['ndcg@10']:.4f} (sentence-transformers "
