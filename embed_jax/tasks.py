@@ -8,6 +8,7 @@ batch size and weight (multi-task fine-tuning, and MLM domain adaptation).
                              # round_robin | proportional: one task per step
 
 Kinds and their text groups (keys are prefixed by the task name, e.g. `stsb.a_ids_BxL`):
+  pairs     q, p: a BEIR dataset's (query, relevant document) pairs from a qrels split: MNRL
   sts       a, b and labels_B (gold scores): CoSENT (or MNRL on the pairs, scores unused)
   triplets  q (anchor), p (positive), n (negative): MNRL with the negative as a hard negative,
             or the triplet loss
@@ -34,17 +35,18 @@ from embed_jax.models.mlm import MaskingSpec, mlm_rows
 
 log = logging.getLogger(__name__)
 
-TASK_KINDS = {"sts": ("cosent", "mnrl"), "triplets": ("mnrl", "triplet"), "mlm": ("mlm",)}
+TASK_KINDS = {"pairs": ("mnrl",), "sts": ("cosent", "mnrl"), "triplets": ("mnrl", "triplet"),
+              "mlm": ("mlm",)}
 SAMPLING = ("all", "round_robin", "proportional")
 
 
 def task(kind: str, **fields) -> ml_collections.ConfigDict:
   """A task's config with its defaults (see the module docstring)."""
   c = ml_collections.ConfigDict()
-  c.kind = kind  # sts | triplets | mlm
-  c.dataset = ""  # sts/triplets: a name under $EMBED_JAX_DATA/{sts,nli} or a folder; mlm: "" =
-  #   config.data.dataset (a BEIR name or folder)
-  c.split = "train"  # sts/triplets split
+  c.kind = kind  # pairs | sts | triplets | mlm
+  c.dataset = ""  # pairs: a BEIR name or folder; sts/triplets: a name under
+  #   $EMBED_JAX_DATA/{sts,nli} or a folder; mlm: "" = config.data.dataset
+  c.split = "train"  # pairs: a qrels split; sts/triplets: a split
   c.texts = "corpus"  # mlm: corpus | corpus+train_queries | corpus+queries
   c.loss = TASK_KINDS.get(kind, ("?",))[0]
   c.scale = 20.0  # cosent / mnrl: 1 / temperature
@@ -105,7 +107,7 @@ class Task:
   @property
   def groups(self) -> tuple[str, ...]:
     return tuple(f"{self.name}.{g}" for g in
-                 {"sts": "ab", "triplets": "qpn", "mlm": "x"}[self.cfg.kind])
+                 {"pairs": "qp", "sts": "ab", "triplets": "qpn", "mlm": "x"}[self.cfg.kind])
 
 
 def _tokenize(tokenizer, model_config, texts, max_len, special=True):
@@ -130,6 +132,23 @@ def mlm_windows(token_lists, cls_id: int, sep_id: int, max_len: int) -> list[lis
 def build_task(name: str, t, config, tokenizer, model_config, dataset) -> Task:
   seed, pad = config.seed, model_config.pad_token_id
   salt = 100 + sum(map(ord, name))  # decorrelates each task's order from the others'
+  if t.kind == "pairs":
+    from embed_jax.data import load_beir
+    from embed_jax.data.pairs import build_pairs
+    source = load_beir(t.dataset) if t.dataset else dataset
+    pairs = build_pairs(source, t.split)
+    q_idx, d_idx = pairs.pairs_Px2.T
+    queries = [source.queries[pairs.query_ids[i]] for i in q_idx]
+    docs = source.corpus_texts(" ")
+    cols = {f"{name}.q": _tokenize(tokenizer, model_config, queries, t.max_seq_length),
+            f"{name}.p": _tokenize(tokenizer, model_config, [docs[i] for i in d_idx],
+                                   config.max_seq_length)}
+    loader = TupleLoader(cols, batch_size=t.batch_size, seed=seed, max_len=config.max_seq_length,
+                         pad_id=pad, valid_key=f"{name}.valid_B", salt=salt,
+                         arrays={f"{name}.query_B": q_idx.astype(np.int32),
+                                 f"{name}.pos_doc_B": d_idx.astype(np.int32)})
+    log.info("task %s: %d pairs from %s %s", name, len(q_idx), source.name, t.split)
+    return Task(name, t, loader)
   if t.kind == "sts":
     from embed_jax.data.sentences import load_sts
     a, b, scores = load_sts(t.dataset or "stsb").split(t.split)
@@ -252,6 +271,9 @@ def task_terms(tasks: list[Task], embs, arrays, aux) -> dict[str, tuple[float, o
 
 def _embedding_loss(t: Task, arrays, valid) -> Callable:
   c, name = t.cfg, t.name
+  if c.kind == "pairs":
+    return lambda q, p: losses.mnrl(q, p, scale=c.scale, valid_B=valid,
+                                    p_ids_B=arrays[f"{name}.pos_doc_B"], q_ids_B=arrays[f"{name}.query_B"])
   if c.kind == "sts" and c.loss == "cosent":
     return lambda a, b: losses.cosent(a, b, arrays[f"{name}.labels_B"], scale=c.scale, valid_B=valid)
   if c.kind == "sts":

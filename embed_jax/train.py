@@ -904,6 +904,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
              "steps_run": end - start}
   if end < total_steps:
     return summary  # interrupted on purpose; re-running the command resumes
+  done = {"export": workdir / "export", "results": workdir / "results.json"}
+  if start == end and done["export"].exists() and (
+      done["results"].exists() or not config.evals.test_at_end):
+    # A finished run: report what it wrote rather than export and evaluate again.
+    summary["export"] = str(done["export"])
+    if done["results"].exists():
+      summary["test_ndcg@10"] = json.loads(done["results"].read_text())["results"][0]["metrics"]["ndcg@10"]
+    if before.exists():
+      summary["test_ndcg@10_before"] = json.loads(before.read_text())["results"][0]["metrics"]["ndcg@10"]
+    for name in ("mlm_before", "mlm_after"):
+      if (workdir / f"{name}.json").exists():
+        summary.setdefault("mlm", {})[name.split("_")[1]] = json.loads((workdir / f"{name}.json").read_text())
+    if config.export_mlm and (workdir / "export_mlm").exists():
+      summary["export_mlm"] = str(workdir / "export_mlm")
+    log.info("%s is finished (step %d): nothing to do", workdir, end)
+    return summary
 
   # ---- export and test evaluation ----
   final = runner.get_state(state)

@@ -102,11 +102,15 @@ def _multi(tiny_beir, tmp_path, **changes):
 
 
 def test_multitask_smoke_logs_each_task_and_the_weighted_sum(tiny_beir, tmp_path):
-  out = T.train(_multi(tiny_beir, tmp_path), tmp_path / "run")
+  c = _multi(tiny_beir, tmp_path)
+  c.tasks.more = task("pairs", split="test", batch_size=8, weight=1.5)  # another qrels split
+  out = T.train(c, tmp_path / "run")
   rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   m = rows[0]
-  assert {"pairs_loss", "sts_loss", "nli_loss", "mlm_loss", "mlm_accuracy", "nli@8"} <= set(m)
-  want = m["pairs_loss"] + 0.5 * m["sts_loss"] + 2.0 * m["nli_loss"] + 0.25 * m["mlm_loss"]
+  assert {"pairs_loss", "sts_loss", "nli_loss", "mlm_loss", "mlm_accuracy", "nli@8",
+          "more_loss"} <= set(m)
+  want = (m["pairs_loss"] + 0.5 * m["sts_loss"] + 2.0 * m["nli_loss"] + 0.25 * m["mlm_loss"]
+          + 1.5 * m["more_loss"])
   assert m["loss"] == pytest.approx(want, rel=1e-5)
   assert m["nli_loss"] == pytest.approx(m["nli@32"] + m["nli@8"], rel=1e-5)
   assert out["mlm"]["before"]["mlm"]["mlm_heldout_tokens"] > 0

@@ -243,3 +243,13 @@ def test_export_best_survives_keep_k_and_equals_the_best_step(tiny_beir, tmp_pat
   state, meta = restore_checkpoint(mngr, template)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
                jax.tree.map(np.asarray, state.params), hf.load(out["export"])[1])
+
+
+def test_a_finished_run_is_not_exported_or_evaluated_again(tiny_beir, tmp_path, monkeypatch):
+  first = T.train(smoke_config(tiny_beir), tmp_path / "run")
+  from embed_jax import evaluate
+  calls = []
+  monkeypatch.setattr(evaluate, "evaluate_retrieval", lambda *a, **k: calls.append(1))
+  again = T.train(smoke_config(tiny_beir), tmp_path / "run")
+  assert not calls and again["steps_run"] == 0
+  assert again["test_ndcg@10"] == first["test_ndcg@10"] and again["export"] == first["export"]
