@@ -1,0 +1,113 @@
+"""The batches of a training run, from its config: labelled pairs (with mined hard negatives and
+teacher vectors), unlabelled texts (with self-distillation targets and teacher vectors), and the
+teacher store they read, checked before any compute."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from embed_jax.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+
+def open_teacher(config, dataset, needed_ids: list[str], needed_texts: list[str]):
+  """The config's teacher store, checked against the texts the run will read (ids present,
+  checksums equal, the named teacher) before any compute; None without distillation."""
+  if not config.distill.store:
+    return None
+  from embed_jax.data.teacher import TeacherStore
+  store = TeacherStore(config.distill.store)
+  store.check(dataset, needed_ids, needed_texts, teacher=config.distill.teacher or None)
+  log.info("teacher store %s: %s, %d dims, %d texts", store.path,
+           store.manifest["teacher"]["name"], store.dims, len(store.ids))
+  return store
+
+
+def unlabelled_loader(config, dataset, tokenizer, model_config, start: Embedder, workdir: Path,
+                      store=None):
+  """Batches of the dataset's unlabelled texts (group u), with the self-distillation targets of
+  the starting model (target='initial': encoded once, kept in <workdir>/self_distill_targets.npy)
+  and the teacher's vectors, when the run needs them."""
+  from embed_jax.checkpoint import atomic_write
+  from embed_jax.data.pairs import TextLoader
+  from embed_jax.data.teacher import dataset_texts
+  unl, sd = config.unlabelled, config.matryoshka.self_distill
+  ids, texts = dataset_texts(dataset, unl.texts.split("+"))
+  extras = {}
+  if sd.weight > 0 and sd.target == "initial":
+    path = workdir / "self_distill_targets.npy"
+    if path.exists() and np.load(path, mmap_mode="r").shape[0] == len(texts):
+      extras["target_BxD"] = np.load(path)
+    else:
+      log.info("encoding %d texts with the starting model (self-distillation targets)", len(texts))
+      targets = start.encode(texts, batch_size=config.evals.batch_size, normalize=True)
+      atomic_write(path, lambda f: np.save(f, targets))
+      extras["target_BxD"] = targets
+  if store is not None and (config.distill.embedding > 0 or config.distill.scores > 0):
+    extras["teacher_BxT"] = np.asarray(store.vectors[store.rows(ids)], np.float32)
+  lower = model_config.do_lower_case
+  tokens = tokenizer([t.lower() if lower else t for t in texts], truncation=True,
+                     max_length=config.max_seq_length)["input_ids"]
+  log.info("unlabelled: %d texts (%s), %d per step", len(texts), unl.texts, unl.batch_size)
+  return TextLoader(tokens, batch_size=unl.batch_size, seed=config.seed,
+                    max_len=config.max_seq_length, pad_id=model_config.pad_token_id, extras=extras)
+
+
+def mine_if_missing(config, dataset, embedder: Embedder) -> None:
+  """Writes `data.negatives` with the starting model when `data.mine.enabled` and it is absent."""
+  path = Path(config.data.negatives)
+  if not config.data.negatives or path.exists() or not config.data.mine.enabled:
+    return
+  from embed_jax.data.mining import mine_hard_negatives, write_negatives
+  m = config.data.mine
+  log.info("mining hard negatives for %s %s into %s", dataset.name, config.data.train_split, path)
+  rows = mine_hard_negatives(embedder, dataset, config.data.train_split, top_k=m.top_k,
+                             skip_top=m.skip_top, margin=m.margin, num_negatives=m.num_negatives,
+                             sampling=m.sampling, seed=config.seed,
+                             batch_size=config.evals.batch_size)
+  write_negatives(rows, path)
+
+
+def load_data(config, dataset, tokenizer, model_config, store=None):
+  """(PairLoader, dev_qrels or None) for `dataset`; with a teacher store (and a pair-level
+  distillation weight), the teacher's vectors of the batch's texts too."""
+  from embed_jax.data.pairs import PairLoader, build_pairs, carve_dev
+  train_qrels = dataset.qrels(config.data.train_split)
+  train_queries = [q for q in dataset.queries if q in train_qrels]
+  dev_qrels = None
+  if config.data.dev_split:
+    dev_qrels = dataset.qrels(config.data.dev_split)
+  elif config.data.dev_fraction > 0:
+    train_queries, dev_queries = carve_dev(train_queries, config.data.dev_fraction, config.seed)
+    dev_qrels = {q: train_qrels[q] for q in dev_queries}
+  negatives = None
+  if config.data.negatives:
+    from embed_jax.data.mining import read_negatives
+    negatives = read_negatives(config.data.negatives, dataset)
+  pairs = build_pairs(dataset, config.data.train_split, query_subset=train_queries,
+                      negatives=negatives)
+
+  def tok(texts, max_len):
+    texts = [t.lower() for t in texts] if model_config.do_lower_case else texts
+    return tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]
+
+  q_tokens = tok([dataset.queries[q] for q in pairs.query_ids], config.query_max_seq_length)
+  d_tokens = tok(dataset.corpus_texts(" "), config.max_seq_length)
+  teacher = {}
+  if store is not None and (config.distill.pair_scores > 0 or config.distill.margin_mse > 0):
+    teacher = {"teacher_queries_QxT": np.asarray(
+                   store.vectors[store.rows(f"queries/{q}" for q in pairs.query_ids)], np.float32),
+               "teacher_docs_NxT": np.asarray(
+                   store.vectors[store.rows(f"corpus/{d}" for d in pairs.doc_ids)], np.float32)}
+  loader = PairLoader(pairs, q_tokens, d_tokens, batch_size=config.batch_size, seed=config.seed,
+                      num_negatives=config.data.num_negatives,
+                      q_max_len=config.query_max_seq_length, d_max_len=config.max_seq_length,
+                      pad_id=model_config.pad_token_id, **teacher)
+  log.info("%s: %d training pairs from %d queries, %d steps per epoch of %d; dev queries: %d",
+           dataset.name, len(pairs.pairs_Px2), len(pairs.query_ids), loader.steps_per_epoch,
+           config.batch_size, len(dev_qrels or {}))
+  return loader, dev_qrels
