@@ -204,3 +204,13 @@ def test_bad_matryoshka_config_is_refused_before_training(change, message, tiny_
   with pytest.raises(ValueError, match=message):
     T.train(smoke_config(tiny_beir, **change), tmp_path / "bad")
   assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_scifact_mrl_config_variants():
+  from configs import scifact_mrl
+  plain, sd = scifact_mrl.get_config(), scifact_mrl.get_config("sd,smoke")
+  assert tuple(plain.matryoshka.dims) == (384, 256, 128, 64, 32)
+  assert plain.matryoshka.self_distill.weight == 0
+  assert sd.matryoshka.self_distill.weight == 1.0 and sd.smoke
+  with pytest.raises(ValueError, match=r"unknown variant \['pairs'\]"):
+    scifact_mrl.get_config("pairs")
