@@ -88,7 +88,11 @@ def get_config() -> ml_collections.ConfigDict:
   # the fixed-feature (FF) baseline of the MRL paper trains one model per dim with it.
   c.projection = ml_collections.ConfigDict()
   c.projection.dim = 0  # output dims; 0 = none (a model that already has a Dense head keeps it)
-  c.projection.init = "prefix"  # prefix (starts as truncation to the first dim dims) | random
+  # prefix (starts as truncation to the first dim dims) | random | pca (the principal axes of the
+  # starting model's corpus embeddings: at dim = the model's dims a rotation, full-dim scores
+  # unchanged, each prefix as good as a linear map to it can start)
+  c.projection.init = "prefix"
+  c.projection.pca_texts = 4096  # corpus texts (a seeded sample) the pca init is fitted on
 
   # Extra tasks (embed_jax.tasks): c.tasks.<name> = tasks.task("sts" | "triplets" | "mlm", ...).
   c.tasks = ml_collections.ConfigDict()

@@ -7,7 +7,9 @@ The best MRL recipe the ablation found (experiments/mrl_ablation.py, row (b)); i
 64 dims keeping >= 95% of the model's own 384-dim SciFact test nDCG@10 with the 384-dim score
 within 0.005 of configs/scifact_mnrl.py's. Neither held: see experiments/results/mrl_ablation.
 Variants: `:sd` adds prefix self-distillation on the unlabelled SciFact corpus (row (d), which
-scored no better); `:smoke` runs in seconds on a tiny random model (combine as `:sd,smoke`).
+scored no better); `:pca` starts from a 384 -> 384 rotation onto the principal axes of the
+starting model's corpus embeddings (projection.init = "pca", exported as a Dense module; row
+(e)); `:smoke` runs in seconds on a tiny random model (combine as `:sd,smoke`).
 """
 
 from configs import base, scifact_mnrl
@@ -15,9 +17,9 @@ from configs import base, scifact_mnrl
 
 def get_config(arg: str | None = None):
   flags = set((arg or "").split(",")) - {""}
-  unknown = flags - {"sd", "smoke"}
+  unknown = flags - {"sd", "pca", "smoke"}
   if unknown:
-    raise ValueError(f"configs/scifact_mrl.py: unknown variant {sorted(unknown)}; use sd, smoke")
+    raise ValueError(f"configs/scifact_mrl.py: unknown variant {sorted(unknown)}; use sd, pca, smoke")
   c = scifact_mnrl.get_config()
   c.matryoshka.dims = (384, 256, 128, 64, 32)
   c.matryoshka.weights = ()  # all 1.0, as sentence-transformers' MatryoshkaLoss
@@ -30,7 +32,12 @@ def get_config(arg: str | None = None):
     sd.pairwise = 1.0
     sd.topk = 1.0
     sd.k = 8
+  if "pca" in flags:
+    c.projection.dim = 384
+    c.projection.init = "pca"
+    c.projection.pca_texts = 4096
   if "smoke" in flags:
     base.apply_smoke(c)
     c.matryoshka.dims = (32, 16, 8)  # the tiny model has 32 dims
+    c.projection.dim = 32 if "pca" in flags else 0
   return c

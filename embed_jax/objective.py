@@ -243,9 +243,12 @@ def objective_problems(config, num_devices: int) -> list[str]:
       if (unl.batch_size // num_devices) % n_chunks:
         problems.append(f"unlabelled.batch_size={unl.batch_size} must split into the {n_chunks} "
                         f"gradient-caching chunks per device")
-  if proj.dim < 0 or proj.init not in ("prefix", "random"):
+  if proj.dim < 0 or proj.init not in ("prefix", "random", "pca"):
     problems.append(f"projection.dim={proj.dim} must be >= 0 and projection.init={proj.init!r} "
-                    f"prefix or random")
+                    f"prefix, random or pca")
+  if proj.init == "pca" and proj.get("pca_texts", 0) < 2:
+    problems.append(f"projection.pca_texts={proj.get('pca_texts')} must be >= 2 (corpus texts the "
+                    f"PCA is fitted on)")
   return problems
 
 

@@ -322,19 +322,54 @@ def load_model(config, workdir: Path):
       log.warning("init %s has a different config from %s; using the init's", config.init, source)
       model_config = init_config
     folder, source = Path(config.init), config.init
+  tokenizer = load_tokenizer(folder)
   if config.projection.dim and not model_config.dense_features:
+    kernel = None
+    if config.projection.init == "pca":
+      if config.projection.dim > model_config.pooled_dim:
+        raise ValueError(f"bad config: projection.init='pca' needs projection.dim <= "
+                         f"{model_config.pooled_dim}")
+      kernel = pca_kernel(config, model_config, params, tokenizer, workdir)
     model_config, params = add_projection(model_config, params, config.projection.dim,
-                                          config.projection.init, config.seed)
-  return model_config, params, load_tokenizer(folder), source
+                                          config.projection.init, config.seed, kernel=kernel)
+  return model_config, params, tokenizer, source
 
 
-def add_projection(model_config, params, dim: int, init: str, seed: int):
-  """A linear Dense head (pooled -> dim) on a model without one. `prefix` starts it as the
-  truncation to the first `dim` dims (identity columns), `random` as N(0, 1/pooled_dim)."""
+def pca_kernel(config, model_config, params, tokenizer, workdir: Path) -> np.ndarray:
+  """[pooled, projection.dim]: the principal axes of the starting model's unit embeddings of
+  `projection.pca_texts` corpus texts (a seeded sample; centred), largest variance first. At
+  projection.dim = pooled it is a rotation: full-dim cosine scores are unchanged, and each prefix
+  keeps the most variance a linear map to that many dims can. Fitted once per workdir
+  (<workdir>/pca_projection.npy), so a resumed run does not encode again."""
+  cache = workdir / "pca_projection.npy"
+  if cache.exists():
+    return np.load(cache)
+  from embed_jax.checkpoint import atomic_write
+  from embed_jax.data import load_beir
+  texts = load_beir(config.data.dataset, data_dir=config.data.data_dir or None).corpus_texts(" ")
+  take = np.random.default_rng([config.seed, 11]).permutation(len(texts))[:config.projection.pca_texts]
+  log.info("projection.init='pca': fitting on %d corpus texts embedded by the starting model", len(take))
+  x_NxD = Embedder(model_config, params, tokenizer).encode(
+      [texts[i] for i in sorted(take)], batch_size=config.evals.batch_size, normalize=True)
+  x_NxD = x_NxD - x_NxD.mean(0)
+  _, axes_DxD = np.linalg.eigh(x_NxD.T.astype(np.float64) @ x_NxD)  # ascending eigenvalues
+  kernel = np.ascontiguousarray(axes_DxD[:, ::-1][:, :config.projection.dim], dtype=np.float32)
+  atomic_write(cache, lambda f: np.save(f, kernel), "wb")
+  return kernel
+
+
+def add_projection(model_config, params, dim: int, init: str, seed: int, kernel=None):
+  """A linear Dense head (pooled -> dim) on a model without one: `kernel` when given (e.g.
+  pca_kernel's), else `prefix` starts it as the truncation to the first `dim` dims (identity
+  columns), `random` as N(0, 1/pooled_dim)."""
   pooled = model_config.pooled_dim
-  if init == "prefix":
+  if kernel is not None:
+    kernel = np.asarray(kernel, np.float32)
+    if kernel.shape != (pooled, dim):
+      raise ValueError(f"projection kernel has shape {kernel.shape}, expected {(pooled, dim)}")
+  elif init in ("prefix", "pca"):
     if dim > pooled:
-      raise ValueError(f"bad config: projection.init='prefix' needs projection.dim <= {pooled}")
+      raise ValueError(f"bad config: projection.init={init!r} needs projection.dim <= {pooled}")
     kernel = np.eye(pooled, dim, dtype=np.float32)
   else:
     kernel = np.random.default_rng(seed).normal(0, pooled ** -0.5, (pooled, dim)).astype(np.float32)

@@ -198,12 +198,41 @@ def test_projection_smoke_run_exports_a_dense_head(tiny_beir, tmp_path):
     ({"matryoshka.dims": (16,), "matryoshka.self_distill.weight": 1.0,
       "matryoshka.self_distill.target": "teacher"}, "target='teacher'"),
     ({"matryoshka.dims": (16,), "matryoshka.layers": (2,)}, r"layers \[2\] must be < the model's 2"),
-    ({"projection.init": "pca"}, "projection.init='pca'"),
+    ({"projection.init": "svd"}, "projection.init='svd'"),
+    ({"projection.dim": 32, "projection.init": "pca", "projection.pca_texts": 1}, "pca_texts=1"),
 ])
 def test_bad_matryoshka_config_is_refused_before_training(change, message, tiny_beir, tmp_path):
   with pytest.raises(ValueError, match=message):
     T.train(smoke_config(tiny_beir, **change), tmp_path / "bad")
   assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_pca_projection_is_a_rotation_that_keeps_full_dim_scores(tiny_beir, tmp_path):
+  from embed_jax.embedder import Embedder
+  c = smoke_config(tiny_beir, **{"projection.dim": 32, "projection.init": "pca"})
+  cfg, params, tok, _ = T.load_model(c, tmp_path)
+  kernel = params["dense"]["kernel"]
+  np.testing.assert_allclose(kernel.T @ kernel, np.eye(32), atol=1e-5)
+  assert (tmp_path / "pca_projection.npy").exists()
+  texts = ["a short one", "another text about cells", "proteins and genes", "x"]
+  rotated = Embedder(cfg, params, tok).encode(texts)
+  plain_params = {k: v for k, v in params.items() if k != "dense"}
+  plain = Embedder(cfg.replace(dense_features=0), plain_params, tok).encode(texts)
+  np.testing.assert_allclose(rotated @ rotated.T, plain @ plain.T, atol=1e-5)
+  # The leading axes carry the most variance of the corpus embeddings.
+  from embed_jax.data import load_beir
+  docs = Embedder(cfg, params, tok).encode(load_beir(str(tiny_beir)).corpus_texts(" "))
+  var = docs.var(0)
+  assert var[:4].sum() >= var[-4:].sum()
+  # A resumed run reads the fitted kernel instead of encoding again.
+  np.save(tmp_path / "pca_projection.npy", np.eye(32, dtype=np.float32)[:, ::-1].copy())
+  _, again, _, _ = T.load_model(c, tmp_path)
+  np.testing.assert_array_equal(again["dense"]["kernel"], np.eye(32)[:, ::-1])
+  # Smaller than the model: the leading principal axes only.
+  small = smoke_config(tiny_beir, **{"projection.dim": 8, "projection.init": "pca"})
+  cfg8, params8, _, _ = T.load_model(small, tmp_path / "small")
+  assert cfg8.embedding_dim == 8
+  np.testing.assert_allclose(params8["dense"]["kernel"], kernel[:, :8], atol=1e-5)
 
 
 def test_scifact_mrl_config_variants():
@@ -212,5 +241,8 @@ def test_scifact_mrl_config_variants():
   assert tuple(plain.matryoshka.dims) == (384, 256, 128, 64, 32)
   assert plain.matryoshka.self_distill.weight == 0
   assert sd.matryoshka.self_distill.weight == 1.0 and sd.smoke
+  pca = scifact_mrl.get_config("pca")
+  assert (pca.projection.dim, pca.projection.init) == (384, "pca")
+  assert scifact_mrl.get_config("pca,smoke").projection.dim == 32
   with pytest.raises(ValueError, match=r"unknown variant \['pairs'\]"):
     scifact_mrl.get_config("pairs")
