@@ -70,13 +70,17 @@ def _model_card(config: ModelConfig, base_model: str | None) -> str:
   return "\n".join(lines)
 
 
+def _refuse_non_finite(state: dict[str, np.ndarray]) -> None:
+  for key, value in state.items():
+    if value.dtype != np.int64 and not np.all(np.isfinite(value.astype(np.float32))):
+      raise ValueError(f"parameter {key} has NaN or inf values; refusing to export it")
+
+
 def _write_model(tmp: Path, params, config: ModelConfig, tokenizer, base_model: str | None) -> None:
   from safetensors.numpy import save_file
   state = hf.params_to_state_dict(params, config)
   dense = hf.dense_params_to_state(params, config) if config.dense_features else {}
-  for key, value in {**state, **dense}.items():
-    if value.dtype != np.int64 and not np.all(np.isfinite(value.astype(np.float32))):
-      raise ValueError(f"parameter {key} has NaN or inf values; refusing to export it")
+  _refuse_non_finite({**state, **dense})
   _write_json(tmp / "config.json", hf.hf_config_dict(config))
   save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
   if tokenizer is not None:
@@ -144,9 +148,7 @@ def export_mlm(params, model_config: ModelConfig, tokenizer, out_dir: str | os.P
     for e in hf.mlm_head_table(model_config):
       value = np.asarray(hf._get(params, e.flax))
       state[e.hf] = np.ascontiguousarray(value.T if e.transpose else value)
-    for key, value in state.items():
-      if value.dtype != np.int64 and not np.all(np.isfinite(value.astype(np.float32))):
-        raise ValueError(f"parameter {key} has NaN or inf values; refusing to export it")
+    _refuse_non_finite(state)
     config = hf.hf_config_dict(model_config)
     config["architectures"] = ["BertForMaskedLM"]
     config["tie_word_embeddings"] = True

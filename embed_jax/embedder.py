@@ -40,6 +40,15 @@ def load_tokenizer(folder: str | os.PathLike):
   return tok
 
 
+
+def tokenize_texts(tokenizer, model_config, texts: Sequence[str], max_len: int,
+                   special: bool = True) -> list[list[int]]:
+  """Token ids per text, lower-cased first when the model says so; with `special`, wrapped in
+  [CLS]/[SEP] and truncated to max_len, else the bare tokens, untruncated."""
+  texts = [t.lower() for t in texts] if model_config.do_lower_case else list(texts)
+  return tokenizer(texts, truncation=special, max_length=max_len if special else None,
+                   add_special_tokens=special)["input_ids"]
+
 class Embedder:
   """A sentence-embedding model: config, params, tokenizer and a jitted forward."""
 
@@ -68,10 +77,7 @@ class Embedder:
     for i, t in enumerate(texts):
       if not isinstance(t, str):
         raise TypeError(f"texts[{i}] is {type(t).__name__}, not str")
-    if self.config.do_lower_case:
-      texts = [t.lower() for t in texts]
-    return self.tokenizer(list(texts), truncation=True, max_length=self.config.max_seq_length,
-                          add_special_tokens=True)["input_ids"]
+    return tokenize_texts(self.tokenizer, self.config, texts, self.config.max_seq_length)
 
   def batches(self, token_ids: list[list[int]], batch_size: int):
     """Yields (positions, ids_BxL, mask_BxL): longest first, padded to bucketed shapes."""

@@ -174,6 +174,16 @@ PRECISIONS = ("float32", "int8", "uint8", "binary")
 DOC_CHUNK = 16384  # documents scored at once
 
 
+def principal_axes(x_NxD: np.ndarray) -> np.ndarray:
+  """[D, D]: the principal axes of the (centred) rows as columns, largest variance first. An
+  orthogonal matrix: rotating embeddings by it keeps every cosine, and puts the most variance a
+  linear map to d dims can keep into the first d."""
+  centred_NxD = np.asarray(x_NxD, np.float64)
+  centred_NxD = centred_NxD - centred_NxD.mean(0)
+  _, axes_DxD = np.linalg.eigh(centred_NxD.T @ centred_NxD)  # ascending eigenvalues
+  return axes_DxD[:, ::-1]
+
+
 def unit(x_NxD: np.ndarray) -> np.ndarray:
   return x_NxD / np.maximum(np.linalg.norm(x_NxD, axis=1, keepdims=True), 1e-12)
 

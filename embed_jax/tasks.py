@@ -31,6 +31,7 @@ import numpy as np
 
 from embed_jax import losses
 from embed_jax.data.pairs import TupleLoader
+from embed_jax.embedder import tokenize_texts
 from embed_jax.models.mlm import MaskingSpec, mlm_rows
 
 log = logging.getLogger(__name__)
@@ -110,12 +111,6 @@ class Task:
                  {"pairs": "qp", "sts": "ab", "triplets": "qpn", "mlm": "x"}[self.cfg.kind])
 
 
-def _tokenize(tokenizer, model_config, texts, max_len, special=True):
-  texts = [t.lower() for t in texts] if model_config.do_lower_case else list(texts)
-  return tokenizer(texts, truncation=special, max_length=max_len if special else None,
-                   add_special_tokens=special)["input_ids"]
-
-
 def _text_ids(texts: list[str]) -> np.ndarray:
   """A row's text identity (equal texts, equal id): MNRL masks a duplicate positive."""
   index: dict[str, int] = {}
@@ -140,8 +135,8 @@ def build_task(name: str, t, config, tokenizer, model_config, dataset) -> Task:
     q_idx, d_idx = pairs.pairs_Px2.T
     queries = [source.queries[pairs.query_ids[i]] for i in q_idx]
     docs = source.corpus_texts(" ")
-    cols = {f"{name}.q": _tokenize(tokenizer, model_config, queries, t.max_seq_length),
-            f"{name}.p": _tokenize(tokenizer, model_config, [docs[i] for i in d_idx],
+    cols = {f"{name}.q": tokenize_texts(tokenizer, model_config, queries, t.max_seq_length),
+            f"{name}.p": tokenize_texts(tokenizer, model_config, [docs[i] for i in d_idx],
                                    config.max_seq_length)}
     loader = TupleLoader(cols, batch_size=t.batch_size, seed=seed, max_len=config.max_seq_length,
                          pad_id=pad, valid_key=f"{name}.valid_B", salt=salt,
@@ -152,8 +147,8 @@ def build_task(name: str, t, config, tokenizer, model_config, dataset) -> Task:
   if t.kind == "sts":
     from embed_jax.data.sentences import load_sts
     a, b, scores = load_sts(t.dataset or "stsb").split(t.split)
-    cols = {f"{name}.a": _tokenize(tokenizer, model_config, a, t.max_seq_length),
-            f"{name}.b": _tokenize(tokenizer, model_config, b, t.max_seq_length)}
+    cols = {f"{name}.a": tokenize_texts(tokenizer, model_config, a, t.max_seq_length),
+            f"{name}.b": tokenize_texts(tokenizer, model_config, b, t.max_seq_length)}
     loader = TupleLoader(cols, batch_size=t.batch_size, seed=seed, max_len=t.max_seq_length,
                          pad_id=pad, valid_key=f"{name}.valid_B", salt=salt,
                          arrays={f"{name}.labels_B": scores.astype(np.float32),
@@ -164,7 +159,7 @@ def build_task(name: str, t, config, tokenizer, model_config, dataset) -> Task:
     from embed_jax.data.sentences import load_triplets
     q, p, n = load_triplets(t.dataset or "snli").split(t.split)
     docs = _text_ids(list(p) + list(n))  # positives and negatives share one id space
-    cols = {f"{name}.{g}": _tokenize(tokenizer, model_config, texts, t.max_seq_length)
+    cols = {f"{name}.{g}": tokenize_texts(tokenizer, model_config, texts, t.max_seq_length)
             for g, texts in (("q", q), ("p", p), ("n", n))}
     loader = TupleLoader(cols, batch_size=t.batch_size, seed=seed, max_len=t.max_seq_length,
                          pad_id=pad, valid_key=f"{name}.valid_B", salt=salt,
@@ -177,7 +172,7 @@ def build_task(name: str, t, config, tokenizer, model_config, dataset) -> Task:
   _, texts = dataset_texts(dataset, t.texts.split("+"))
   heldout = np.random.default_rng([seed, 11]).random(len(texts)) < t.heldout_fraction
   max_len = config.max_seq_length
-  raw = _tokenize(tokenizer, model_config, texts, max_len, special=False)
+  raw = tokenize_texts(tokenizer, model_config, texts, max_len, special=False)
   cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
   if cls_id is None or sep_id is None or tokenizer.mask_token_id is None:
     raise ValueError(f"tasks.{name}: MLM needs a tokenizer with [CLS], [SEP] and [MASK] tokens")

@@ -324,12 +324,8 @@ def load_model(config, workdir: Path):
     folder, source = Path(config.init), config.init
   tokenizer = load_tokenizer(folder)
   if config.projection.dim and not model_config.dense_features:
-    kernel = None
-    if config.projection.init == "pca":
-      if config.projection.dim > model_config.pooled_dim:
-        raise ValueError(f"bad config: projection.init='pca' needs projection.dim <= "
-                         f"{model_config.pooled_dim}")
-      kernel = pca_kernel(config, model_config, params, tokenizer, workdir)
+    kernel = (pca_kernel(config, model_config, params, tokenizer, workdir)
+              if config.projection.init == "pca" else None)
     model_config, params = add_projection(model_config, params, config.projection.dim,
                                           config.projection.init, config.seed, kernel=kernel)
   return model_config, params, tokenizer, source
@@ -341,19 +337,21 @@ def pca_kernel(config, model_config, params, tokenizer, workdir: Path) -> np.nda
   projection.dim = pooled it is a rotation: full-dim cosine scores are unchanged, and each prefix
   keeps the most variance a linear map to that many dims can. Fitted once per workdir
   (<workdir>/pca_projection.npy), so a resumed run does not encode again."""
+  if config.projection.dim > model_config.pooled_dim:
+    raise ValueError(f"bad config: projection.init='pca' needs projection.dim <= "
+                     f"{model_config.pooled_dim}")
   cache = workdir / "pca_projection.npy"
   if cache.exists():
     return np.load(cache)
   from embed_jax.checkpoint import atomic_write
   from embed_jax.data import load_beir
+  from embed_jax.evaluate import principal_axes
   texts = load_beir(config.data.dataset, data_dir=config.data.data_dir or None).corpus_texts(" ")
   take = np.random.default_rng([config.seed, 11]).permutation(len(texts))[:config.projection.pca_texts]
   log.info("projection.init='pca': fitting on %d corpus texts embedded by the starting model", len(take))
   x_NxD = Embedder(model_config, params, tokenizer).encode(
       [texts[i] for i in sorted(take)], batch_size=config.evals.batch_size, normalize=True)
-  x_NxD = x_NxD - x_NxD.mean(0)
-  _, axes_DxD = np.linalg.eigh(x_NxD.T.astype(np.float64) @ x_NxD)  # ascending eigenvalues
-  kernel = np.ascontiguousarray(axes_DxD[:, ::-1][:, :config.projection.dim], dtype=np.float32)
+  kernel = np.ascontiguousarray(principal_axes(x_NxD)[:, :config.projection.dim], dtype=np.float32)
   atomic_write(cache, lambda f: np.save(f, kernel), "wb")
   return kernel
 

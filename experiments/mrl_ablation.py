@@ -83,18 +83,15 @@ def pca_rotated(workdir: Path) -> dict[int, dict]:
   deployment could fit it on the collection it indexes. Cached in <workdir>/results_pca.json."""
   cache = workdir / "results_pca.json"
   if not cache.exists():
-    import numpy as np
     import embed_jax
     from embed_jax.data import load_beir
-    from embed_jax.evaluate import evaluate_embeddings
+    from embed_jax.evaluate import evaluate_embeddings, principal_axes
     model, data = embed_jax.load(workdir / "export"), load_beir("scifact")
     qrels = data.qrels("test")
     query_ids = [q for q in data.queries if q in qrels]
     docs_NxD = model.encode(data.corpus_texts(" "), batch_size=64, normalize=True)
     queries_QxD = model.encode([data.queries[q] for q in query_ids], batch_size=64, normalize=True)
-    centred_NxD = docs_NxD - docs_NxD.mean(0)
-    _, axes_DxD = np.linalg.eigh(centred_NxD.T @ centred_NxD)  # ascending eigenvalues
-    rotation_DxD = axes_DxD[:, ::-1]
+    rotation_DxD = principal_axes(docs_NxD)
     results = evaluate_embeddings(queries_QxD @ rotation_DxD, query_ids, docs_NxD @ rotation_DxD,
                                   data.corpus_ids, qrels, dims=DIMS)
     cache.write_text(json.dumps({"results": results}, indent=2) + "\n")

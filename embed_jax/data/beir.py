@@ -358,11 +358,16 @@ def beir_builder(source: BeirSource, data_dir: str | os.PathLike | None = None) 
   slug = re.sub(r"[^a-z0-9]+", "_", source.name.lower()).strip("_") or "beir"
   config = BeirConfig(name=f"{slug}-{checksum[:16]}", version=BeirBuilder.VERSION,
                       source=str(source.path), inner=source.inner, checksum=checksum)
+  return quiet_builder(BeirBuilder, config, data_dir)
+
+
+def quiet_builder(builder_cls, config, data_dir: str | os.PathLike | None = None):
+  """builder_cls(config) writing array_record under the cache dir, without tfds' warning about
+  a config made at run time."""
   absl_log, quiet = logging.getLogger("absl"), _DropCustomConfigWarning()
   absl_log.addFilter(quiet)
   try:
-    return BeirBuilder(config=config, data_dir=str(cache_dir(data_dir)),
-                       file_format="array_record")
+    return builder_cls(config=config, data_dir=str(cache_dir(data_dir)), file_format="array_record")
   finally:
     absl_log.removeFilter(quiet)
 

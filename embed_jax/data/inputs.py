@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embed_jax.embedder import Embedder
+from embed_jax.embedder import Embedder, tokenize_texts
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,7 @@ def unlabelled_loader(config, dataset, tokenizer, model_config, start: Embedder,
       extras["target_BxD"] = targets
   if store is not None and (config.distill.embedding > 0 or config.distill.scores > 0):
     extras["teacher_BxT"] = np.asarray(store.vectors[store.rows(ids)], np.float32)
-  lower = model_config.do_lower_case
-  tokens = tokenizer([t.lower() if lower else t for t in texts], truncation=True,
-                     max_length=config.max_seq_length)["input_ids"]
+  tokens = tokenize_texts(tokenizer, model_config, texts, config.max_seq_length)
   log.info("unlabelled: %d texts (%s), %d per step", len(texts), unl.texts, unl.batch_size)
   return TextLoader(tokens, batch_size=unl.batch_size, seed=config.seed,
                     max_len=config.max_seq_length, pad_id=model_config.pad_token_id, extras=extras)
@@ -91,12 +89,9 @@ def load_data(config, dataset, tokenizer, model_config, store=None):
   pairs = build_pairs(dataset, config.data.train_split, query_subset=train_queries,
                       negatives=negatives)
 
-  def tok(texts, max_len):
-    texts = [t.lower() for t in texts] if model_config.do_lower_case else texts
-    return tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]
-
-  q_tokens = tok([dataset.queries[q] for q in pairs.query_ids], config.query_max_seq_length)
-  d_tokens = tok(dataset.corpus_texts(" "), config.max_seq_length)
+  q_tokens = tokenize_texts(tokenizer, model_config, [dataset.queries[q] for q in pairs.query_ids],
+                            config.query_max_seq_length)
+  d_tokens = tokenize_texts(tokenizer, model_config, dataset.corpus_texts(" "), config.max_seq_length)
   teacher = {}
   if store is not None and (config.distill.pair_scores > 0 or config.distill.margin_mse > 0):
     teacher = {"teacher_queries_QxT": np.asarray(

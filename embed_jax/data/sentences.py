@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from embed_jax.data.beir import _DropCustomConfigWarning, cache_dir
+from embed_jax.data.beir import quiet_builder
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +157,7 @@ def _load(kind: str, name_or_path: str | os.PathLike, data_dir=None) -> Sentence
   config = SentencesConfig(name=f"{kind}-{re.sub(r'[^a-z0-9]+', '_', folder.name.lower())}-"
                                 f"{checksum[:16]}", version=SentencesBuilder.VERSION, kind=kind,
                            folder=str(folder.resolve()), checksum=checksum)
-  absl_log, quiet = logging.getLogger("absl"), _DropCustomConfigWarning()
-  absl_log.addFilter(quiet)
-  try:
-    builder = SentencesBuilder(config=config, data_dir=str(cache_dir(data_dir)),
-                               file_format="array_record")
-  finally:
-    absl_log.removeFilter(quiet)
+  builder = quiet_builder(SentencesBuilder, config, data_dir)
   builder.download_and_prepare()
   return SentenceDataset(builder)
 
