@@ -112,6 +112,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-6
+  # A regex over parameter names ("encoder/.*" freezes the encoder, leaving heads to train):
+  # matching parameters get no updates and no backward pass. "" trains everything.
+  c.optim.freeze = ""
 
   c.train = ml_collections.ConfigDict()
   c.train.runner = "jit"  # jit (a Mesh with a `data` axis) | pmap

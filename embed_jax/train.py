@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,6 +64,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     problems.append(f"optim.lr={config.optim.lr} must be > 0")
   if config.optim.schedule not in ("linear", "cosine"):
     problems.append(f"optim.schedule={config.optim.schedule!r}: choose linear or cosine")
+  try:
+    re.compile(config.optim.freeze)
+  except re.error as e:
+    problems.append(f"optim.freeze={config.optim.freeze!r} is not a regular expression ({e})")
   if not 0 <= config.optim.warmup_ratio < 1:
     problems.append(f"optim.warmup_ratio={config.optim.warmup_ratio} must be in [0, 1)")
   if config.batch_size < 1 or config.batch_size % num_devices:
@@ -108,8 +113,35 @@ def decay_mask(params) -> Any:
       lambda path, _: getattr(path[-1], "key", None) in ("kernel", "embedding"), params)
 
 
+def param_path(path) -> str:
+  """A parameter's name as optim.freeze matches it: "encoder/layer_0/attention/query/kernel"."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def frozen_mask(params, pattern: str) -> Any:
+  """True for the leaves whose path fully matches the optim.freeze regex ("" freezes nothing)."""
+  rx = re.compile(pattern) if pattern else None
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: bool(rx and rx.fullmatch(param_path(path))), params)
+
+
+def check_freeze(params, pattern: str) -> None:
+  """optim.freeze must match some parameters and leave some to train."""
+  if not pattern:
+    return
+  flags = jax.tree.leaves(frozen_mask(params, pattern))
+  names = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  if not any(flags):
+    raise ValueError(f"bad config: optim.freeze={pattern!r} matches no parameter; names look "
+                     f"like {names[0]!r} (the regex must match the whole name)")
+  if all(flags):
+    raise ValueError(f"bad config: optim.freeze={pattern!r} freezes every parameter: nothing "
+                     f"would train")
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
-  """AdamW with warmup then linear or cosine decay to 0; global-norm clipping. -> (tx, schedule)"""
+  """AdamW with warmup then linear or cosine decay to 0; global-norm clipping. -> (tx, schedule)
+  Parameters matching optim.freeze get no update, no optimiser state and no weight decay."""
   warmup = int(optim.warmup_ratio * total_steps)
   decay_steps = max(total_steps - warmup, 1)
   decay = (optax.linear_schedule(optim.lr, 0.0, decay_steps) if optim.schedule == "linear"
@@ -118,7 +150,12 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
   parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
   parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                            weight_decay=optim.weight_decay, mask=decay_mask))
-  return optax.chain(*parts), schedule
+  tx = optax.chain(*parts)
+  if optim.get("freeze"):
+    labels = lambda params: jax.tree.map(  # noqa: E731
+        lambda frozen: "frozen" if frozen else "train", frozen_mask(params, optim.freeze))
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx, schedule
 
 
 def init_state(params, tx, seed: int) -> TrainState:
@@ -147,6 +184,15 @@ def make_train_step(module: SentenceEncoder, config: ml_collections.ConfigDict, 
   layers = tuple(config.matryoshka.layers)
   loss_fn = make_loss(config, tasks)
   mlm = mlm_specs(tasks)
+  freeze = config.optim.get("freeze", "")
+
+  def trainable(params):
+    """Frozen leaves behind stop_gradient: their backward pass is never built, so a frozen
+    encoder costs a forward pass only."""
+    if not freeze:
+      return params
+    return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
+                        frozen_mask(params, freeze))
 
   def split(batch):
     text_keys = {k for pair in text_groups(batch).values() for k in pair}
@@ -161,8 +207,8 @@ def make_train_step(module: SentenceEncoder, config: ml_collections.ConfigDict, 
 
     def loss_of_params(params):
       # The whole batch is chunk 0: the same dropout draw as gradient caching with one chunk.
-      embs = embed_groups(module, params, text, jax.random.fold_in(rng, 0), train, layers, mlm,
-                          mask_key, device)
+      embs = embed_groups(module, trainable(params), text, jax.random.fold_in(rng, 0), train,
+                          layers, mlm, mask_key, device)
       return loss_from_local_embeddings(embs, arrays)
     return jax.value_and_grad(loss_of_params, has_aux=True)(params)
 
@@ -179,7 +225,8 @@ def make_train_step(module: SentenceEncoder, config: ml_collections.ConfigDict, 
     ids = device * n_chunks + jnp.arange(n_chunks)  # global chunk index: MLM masks' rows
 
     def embed_chunk(params, chunk_text, key, chunk_id):  # the same key in both passes: same dropout
-      return embed_groups(module, params, chunk_text, key, train, layers, mlm, mask_key, chunk_id)
+      return embed_groups(module, trainable(params), chunk_text, key, train, layers, mlm, mask_key,
+                          chunk_id)
 
     embs = jax.lax.map(lambda a: embed_chunk(jax.lax.stop_gradient(params), *a),
                        (chunks, keys, ids))
@@ -496,6 +543,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                      "data.dev_fraction")
 
   # ---- optimiser, state, checkpoints ----
+  check_freeze(params, config.optim.freeze)
   tx, schedule = make_optimizer(config.optim, total_steps)
   state = init_state(params, tx, config.seed)
   mngr = checkpoint_manager(workdir, config)

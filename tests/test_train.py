@@ -114,6 +114,47 @@ def test_grad_cache_reuses_dropout_keys():
   np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_frozen_parameters_never_move_and_the_rest_train_as_before(chunk):
+  """optim.freeze: matching leaves keep their values bit for bit and hold no Adam state; with
+  nothing frozen the update equals the plain optimiser's."""
+  cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
+  c = scifact_mnrl.get_config()
+  c.dropout = False
+  c.train.grad_cache_chunk = chunk
+  c.optim.freeze = "encoder/layer_.*"
+  params = init_params(cfg)
+  tx, schedule = T.make_optimizer(c.optim, total_steps=10)
+  state = T.init_state(params, tx, seed=0)
+  step = jax.jit(T.make_train_step(SentenceEncoder(cfg), c, tx, schedule))
+  for s in range(2):
+    state, m = step(state, synthetic_batch(seed=s))
+  frozen = T.frozen_mask(params, c.optim.freeze)
+  moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params,
+                       state.params)
+  flat = jax.tree_util.tree_flatten_with_path(moved)[0]
+  assert all(not mv for (path, mv), f in zip(flat, jax.tree.leaves(frozen)) if f)
+  assert any(mv for (path, mv), f in zip(flat, jax.tree.leaves(frozen)) if not f)
+  n_state = sum(x.size for x in jax.tree.leaves(state.opt_state) if hasattr(x, "size"))
+  n_train = sum(np.size(p) for p, f in zip(jax.tree.leaves(params), jax.tree.leaves(frozen))
+                if not f)
+  assert n_state < 2 * n_train + 100  # Adam moments for the trainable leaves only
+  # The trainable leaves see the same gradient as with nothing frozen (the loss is unchanged).
+  c.optim.freeze = ""
+  tx0, _ = T.make_optimizer(c.optim, total_steps=10)
+  _, m0 = jax.jit(T.make_train_step(SentenceEncoder(cfg), c, tx0, schedule))(
+      T.init_state(params, tx0, seed=0), synthetic_batch(seed=0))
+  state1, m1 = step(T.init_state(params, tx, seed=0), synthetic_batch(seed=0))
+  np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("dense/.*", "matches no parameter"), (".*", "freezes every parameter")])
+def test_freeze_patterns_that_match_nothing_or_everything_are_refused(pattern, message):
+  with pytest.raises(ValueError, match=message):
+    T.check_freeze(init_params(tiny_config()), pattern)
+
+
 def test_smoke_run_exports_and_resumes_exactly(tiny_beir, tmp_path):
   full = T.train(smoke_config(tiny_beir), tmp_path / "full")
   assert Path(full["export"], "model.safetensors").exists()
@@ -144,6 +185,7 @@ def test_smoke_run_exports_and_resumes_exactly(tiny_beir, tmp_path):
     ({"init": "/no/such/folder"}, "init='/no/such/folder' does not exist"),
     ({"train.grad_cache_chunk": 3}, "grad_cache_chunk"),
     ({"data.num_negatives": 2}, "data.negatives"),
+    ({"optim.freeze": "encoder/(layer"}, "optim.freeze"),
 ])
 def test_bad_config_is_refused_before_compute(change, message, tmp_path):
   c = smoke_config(tmp_path / "unused", **change)
