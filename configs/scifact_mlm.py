@@ -7,7 +7,11 @@ all-MiniLM-L6-v2 ships without an MLM head: one is initialised (the log says so)
 held-out masked-token accuracy and perplexity before and after (mlm_before.json, mlm_after.json)
 and writes two exports: <workdir>/export (sentence-transformers; the `init` of
 configs/scifact_mlm_then_mnrl.py) and <workdir>/export_mlm (BertForMaskedLM, with the head).
-Expected: lower held-out perplexity. `:smoke` runs in seconds on a tiny random model.
+Expected: lower held-out perplexity than the base encoder's. A random head makes the "before"
+meaningless (perplexity in the tens of thousands), so `:probe` measures the base encoder fairly:
+the same windows and steps with the encoder frozen (`optim.freeze = "encoder/.*"`) and only the
+head trained, at a probe's learning rate (1e-3), into runs/domain/mlm_probe. `:smoke` (also
+`:probe,smoke`) runs in seconds on a tiny random model.
 """
 
 from configs import base, scifact_mnrl
@@ -15,6 +19,10 @@ from embed_jax.tasks import task
 
 
 def get_config(arg: str | None = None):
+  flags = set((arg or "").split(",")) - {""}
+  if flags - {"probe", "smoke"}:
+    raise ValueError(f"configs/scifact_mlm.py: unknown variant {sorted(flags - {'probe', 'smoke'})}; "
+                     f"use probe, smoke")
   c = scifact_mnrl.get_config()
   c.loss.weight = 0.0  # no labelled pairs: MLM only
   c.tasks.mlm = task("mlm", texts="corpus", batch_size=32, rate=0.15, whole_word=True,
@@ -25,7 +33,11 @@ def get_config(arg: str | None = None):
   c.evals.test_at_end = False  # the retrieval test comes after contrastive fine-tuning
   c.export_mlm = True
   c.checkpoint.every_steps = 50
-  if arg == "smoke":
+  if "probe" in flags:
+    c.optim.freeze = "encoder/.*"  # the base encoder as it is; only the MLM head learns
+    c.optim.lr = 1e-3  # a probe's rate: the head starts random and must fit in one epoch
+    c.export_mlm = False
+  if "smoke" in flags:
     base.apply_smoke(c)
     c.tasks.mlm.batch_size = 8
     c.tasks.mlm.heldout_fraction = 0.25  # a tiny corpus: hold out enough to measure

@@ -180,6 +180,25 @@ def test_mlm_loss_falls_and_exports_a_bert_for_masked_lm(tiny_beir, tmp_path):
                              atol=1e-4)
 
 
+def test_mlm_probe_fits_the_head_and_leaves_the_encoder_as_it_was(tiny_beir, tmp_path):
+  """configs/scifact_mlm.py:probe (the base encoder's perplexity with a fitted head): the
+  exported encoder equals the starting one bit for bit, and held-out perplexity falls."""
+  from configs import scifact_mlm
+  from embed_jax import hf
+  c = scifact_mlm.get_config("probe,smoke")
+  set_fields(c, {"data.dataset": str(tiny_beir), "max_steps": 12, "num_epochs": 0,
+                 "tasks.mlm.heldout_fraction": 0.3})
+  out = T.train(c, tmp_path / "probe")
+  _, start = hf.load(tmp_path / "probe" / "tiny-model")
+  _, end = hf.load(out["export"])
+  jax.tree.map(np.testing.assert_array_equal, start["encoder"], end["encoder"])
+  held = {k: json.loads((tmp_path / "probe" / f"mlm_{k}.json").read_text())["mlm"]
+          for k in ("before", "after")}
+  assert held["after"]["mlm_heldout_perplexity"] < held["before"]["mlm_heldout_perplexity"]
+  with pytest.raises(ValueError, match="unknown variant"):
+    scifact_mlm.get_config("prob")
+
+
 def _run_tasks(runner_name, devices, tmp_path, tiny_beir, chunk=0):
   from configs import scifact_mnrl
   from embed_jax.models import SentenceEncoder
