@@ -115,6 +115,10 @@ def get_config() -> ml_collections.ConfigDict:
   # A regex over parameter names ("encoder/.*" freezes the encoder, leaving heads to train):
   # matching parameters get no updates and no backward pass. "" trains everything.
   c.optim.freeze = ""
+  # Peak learning rate of the parameters outside the encoder (an MLM head, a projection), with
+  # the same warmup and decay: a head that starts random learns faster than the encoder moves.
+  # 0 uses optim.lr for everything.
+  c.optim.head_lr = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.runner = "jit"  # jit (a Mesh with a `data` axis) | pmap

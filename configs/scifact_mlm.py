@@ -7,11 +7,12 @@ all-MiniLM-L6-v2 ships without an MLM head: one is initialised (the log says so)
 held-out masked-token accuracy and perplexity before and after (mlm_before.json, mlm_after.json)
 and writes two exports: <workdir>/export (sentence-transformers; the `init` of
 configs/scifact_mlm_then_mnrl.py) and <workdir>/export_mlm (BertForMaskedLM, with the head).
+The head starts random, so it learns at optim.head_lr = 1e-3 while the encoder moves at 5e-5.
 Expected: lower held-out perplexity than the base encoder's. A random head makes the "before"
 meaningless (perplexity in the tens of thousands), so `:probe` measures the base encoder fairly:
-the same windows and steps with the encoder frozen (`optim.freeze = "encoder/.*"`) and only the
-head trained, at a probe's learning rate (1e-3), into runs/domain/mlm_probe. `:smoke` (also
-`:probe,smoke`) runs in seconds on a tiny random model.
+the same windows, steps and head learning rate with the encoder frozen
+(`optim.freeze = "encoder/.*"`), into runs/domain/mlm_probe; the two runs differ only in whether
+the encoder learns. `:smoke` (also `:probe,smoke`) runs in seconds on a tiny random model.
 """
 
 from configs import base, scifact_mnrl
@@ -28,14 +29,14 @@ def get_config(arg: str | None = None):
   c.tasks.mlm = task("mlm", texts="corpus", batch_size=32, rate=0.15, whole_word=True,
                      heldout_fraction=0.02)
   c.num_epochs = 1  # one pass over the corpus windows
-  c.optim.lr = 5e-5
+  c.optim.lr = 5e-5  # the encoder's peak rate
+  c.optim.head_lr = 1e-3  # the MLM head's: it starts random
   c.optim.warmup_ratio = 0.06
   c.evals.test_at_end = False  # the retrieval test comes after contrastive fine-tuning
   c.export_mlm = True
   c.checkpoint.every_steps = 50
   if "probe" in flags:
     c.optim.freeze = "encoder/.*"  # the base encoder as it is; only the MLM head learns
-    c.optim.lr = 1e-3  # a probe's rate: the head starts random and must fit in one epoch
     c.export_mlm = False
   if "smoke" in flags:
     base.apply_smoke(c)

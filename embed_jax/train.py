@@ -68,6 +68,8 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     re.compile(config.optim.freeze)
   except re.error as e:
     problems.append(f"optim.freeze={config.optim.freeze!r} is not a regular expression ({e})")
+  if config.optim.head_lr < 0:
+    problems.append(f"optim.head_lr={config.optim.head_lr} must be >= 0 (0: the heads use optim.lr)")
   if not 0 <= config.optim.warmup_ratio < 1:
     problems.append(f"optim.warmup_ratio={config.optim.warmup_ratio} must be in [0, 1)")
   if config.batch_size < 1 or config.batch_size % num_devices:
@@ -139,23 +141,42 @@ def check_freeze(params, pattern: str) -> None:
                      f"would train")
 
 
+def param_labels(params, optim: ml_collections.ConfigDict) -> Any:
+  """Each leaf's optimiser group: "frozen" (matches optim.freeze), "head" (outside the encoder,
+  e.g. an MLM head or a projection, when optim.head_lr is set) or "train"."""
+  head_lr = optim.get("head_lr", 0.0)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, frozen: "frozen" if frozen else (
+          "head" if head_lr and getattr(path[0], "key", None) != "encoder" else "train"),
+      frozen_mask(params, optim.get("freeze", "")))
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
   """AdamW with warmup then linear or cosine decay to 0; global-norm clipping. -> (tx, schedule)
-  Parameters matching optim.freeze get no update, no optimiser state and no weight decay."""
+  Parameters matching optim.freeze get no update, no optimiser state and no weight decay; with
+  optim.head_lr, the parameters outside the encoder follow the same schedule shape at that peak.
+  `schedule` is the encoder's."""
   warmup = int(optim.warmup_ratio * total_steps)
   decay_steps = max(total_steps - warmup, 1)
-  decay = (optax.linear_schedule(optim.lr, 0.0, decay_steps) if optim.schedule == "linear"
-           else optax.cosine_decay_schedule(optim.lr, decay_steps))
-  schedule = optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup), decay], [warmup])
-  parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
-  parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                           weight_decay=optim.weight_decay, mask=decay_mask))
-  tx = optax.chain(*parts)
-  if optim.get("freeze"):
-    labels = lambda params: jax.tree.map(  # noqa: E731
-        lambda frozen: "frozen" if frozen else "train", frozen_mask(params, optim.freeze))
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-  return tx, schedule
+
+  def schedule_of(lr: float):
+    decay = (optax.linear_schedule(lr, 0.0, decay_steps) if optim.schedule == "linear"
+             else optax.cosine_decay_schedule(lr, decay_steps))
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+  def adamw(lr: float):
+    return optax.adamw(schedule_of(lr), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                       weight_decay=optim.weight_decay, mask=decay_mask)
+
+  tx = adamw(optim.lr)
+  if optim.get("freeze") or optim.get("head_lr", 0.0):
+    groups = {"train": tx, "frozen": optax.set_to_zero()}
+    if optim.get("head_lr", 0.0):
+      groups["head"] = adamw(optim.head_lr)
+    tx = optax.multi_transform(groups, lambda params: param_labels(params, optim))
+  if optim.clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(optim.clip_norm), tx)
+  return tx, schedule_of(optim.lr)
 
 
 def init_state(params, tx, seed: int) -> TrainState:

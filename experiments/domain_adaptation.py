@@ -10,7 +10,8 @@ Rows, all from all-MiniLM-L6-v2 (runs resume; a finished run is not repeated):
   (c) MLM then contrastive: configs/scifact_mlm.py (one epoch over the corpus) then
       configs/scifact_mlm_then_mnrl.py (the same 87 contrastive steps as (b)); the base
       encoder's held-out perplexity comes from configs/scifact_mlm.py:probe (encoder frozen,
-      only the head trained on the same windows), since the base model has no MLM head
+      only the head trained on the same windows at the same rate), since the base model has
+      no MLM head
   (d) multi-task: configs/scifact_multitask.py (the same 87 steps and SciFact batches as (b),
       plus STS-B train pairs with CoSENT and SNLI dev triplets each step)
 Each is scored on SciFact test (nDCG@10, Recall@100) and on STS-B test (cosine Spearman, as
@@ -93,7 +94,7 @@ def write(rows: dict, mlm: dict) -> None:
             "| encoder | MLM head | held-out perplexity | masked-token accuracy | wall clock |",
             "|---|---|---|---|---|",
             f"| base | random (as initialised) | {ppl['random_head']:,.1f} | {acc['random_head']:.3f} | |",
-            f"| base, frozen | fitted (`:probe`, same windows and steps, lr 1e-3) | "
+            f"| base, frozen | fitted (`:probe`: same windows, steps and head rate) | "
             f"{ppl['probe']:.2f} | {acc['probe']:.3f} | {mlm['probe_minutes']:.0f} min |",
             f"| MLM-adapted (`configs/scifact_mlm.py`) | trained with it | {ppl['after']:.2f} | "
             f"{acc['after']:.3f} | {mlm['minutes']:.0f} min |", "", "Findings:", "",

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -148,6 +149,29 @@ def test_frozen_parameters_never_move_and_the_rest_train_as_before(chunk):
   np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-6)
 
 
+def test_head_lr_sets_the_peak_rate_outside_the_encoder():
+  """optim.head_lr: Adam's first step moves each leaf by about its group's rate (|g / sqrt(g^2)|
+  = 1), the encoder by optim.lr and the heads by optim.head_lr; frozen leaves not at all."""
+  from configs import base
+  o = base.get_config().optim
+  o.lr, o.head_lr, o.warmup_ratio, o.weight_decay = 1e-4, 1e-2, 0.0, 0.0
+  o.freeze = "encoder/embeddings/.*"
+  params = {"encoder": init_params(tiny_config())["encoder"],
+            "mlm_head": {"bias": np.zeros(7, np.float32), "dense": {"kernel": np.ones((3, 3))}}}
+  params = jax.tree.map(jnp.asarray, params)
+  tx, schedule = T.make_optimizer(o, total_steps=10)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  labels = T.param_labels(params, o)
+  for (path, u), label in zip(jax.tree_util.tree_flatten_with_path(updates)[0],
+                              jax.tree.leaves(labels)):
+    want = {"frozen": 0.0, "train": o.lr, "head": o.head_lr}[label]
+    np.testing.assert_allclose(np.abs(np.asarray(u)).max(), want, rtol=1e-3,
+                               err_msg=T.param_path(path))
+  assert set(jax.tree.leaves(labels)) == {"frozen", "train", "head"}
+  np.testing.assert_allclose(float(schedule(0)), o.lr, rtol=1e-6)  # the logged rate: the encoder's
+
+
 @pytest.mark.parametrize("pattern, message", [
     ("dense/.*", "matches no parameter"), (".*", "freezes every parameter")])
 def test_freeze_patterns_that_match_nothing_or_everything_are_refused(pattern, message):
@@ -186,6 +210,7 @@ def test_smoke_run_exports_and_resumes_exactly(tiny_beir, tmp_path):
     ({"train.grad_cache_chunk": 3}, "grad_cache_chunk"),
     ({"data.num_negatives": 2}, "data.negatives"),
     ({"optim.freeze": "encoder/(layer"}, "optim.freeze"),
+    ({"optim.head_lr": -1e-3}, "optim.head_lr"),
 ])
 def test_bad_config_is_refused_before_compute(change, message, tmp_path):
   c = smoke_config(tmp_path / "unused", **change)
