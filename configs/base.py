@@ -62,6 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.embedding = 0.0  # weight: student embedding (projected to the teacher's dims when
   #   they differ, by a learned linear map used only in training) vs the teacher's, unlabelled texts
   c.distill.embedding_kind = "mse"  # mse (|s - t|^2 of unit vectors) | cosine (1 - cos)
+  # That projection starts as the least-squares map from the starting student's embeddings to
+  # the teacher's over a seeded sample of the unlabelled texts (lstsq), or random (N(0, 1/dims)).
+  c.distill.projection_init = "lstsq"  # lstsq | random
+  c.distill.projection_texts = 4096  # lstsq: texts the map is fitted on (encoded once per run)
   c.distill.scores = 0.0  # weight: KL of the in-batch similarity distributions, unlabelled texts
   c.distill.pair_scores = 0.0  # weight: the same over the labelled queries x positives
   c.distill.margin_mse = 0.0  # weight: Margin-MSE on (query, positive, hard negative)

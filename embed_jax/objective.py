@@ -224,6 +224,10 @@ def objective_problems(config, num_devices: int) -> list[str]:
                     f"teacher --model T --dataset D --out {dist.store}`")
   if dist.embedding_kind not in ("mse", "cosine"):
     problems.append(f"distill.embedding_kind={dist.embedding_kind!r}: choose mse or cosine")
+  if dist.projection_init not in ("lstsq", "random"):
+    problems.append(f"distill.projection_init={dist.projection_init!r}: choose lstsq or random")
+  if dist.projection_texts < 1:
+    problems.append(f"distill.projection_texts={dist.projection_texts} must be >= 1")
   if dist.margin_mse > 0 and config.data.num_negatives < 1:
     problems.append("distill.margin_mse > 0 needs hard negatives (data.num_negatives >= 1)")
   if dist.temperature <= 0 or dist.teacher_temperature <= 0:

@@ -451,12 +451,44 @@ def add_mlm_head(params, module: SentenceEncoder, seed: int):
   return {**params, "mlm_head": jax.tree.map(np.asarray, head)}
 
 
-def add_distill_projection(params, student_dims: int, teacher_dims: int, seed: int):
+def add_distill_projection(params, student_dims: int, teacher_dims: int, seed: int,
+                           kernel: np.ndarray | None = None):
   """A linear map student -> teacher dims for embedding distillation, trained with the model and
-  never exported (SentenceEncoder ignores the extra key)."""
-  kernel = np.random.default_rng([seed, 7]).normal(0, student_dims ** -0.5,
-                                                   (student_dims, teacher_dims))
-  return {**params, DISTILL_PROJECTION: {"kernel": kernel.astype(np.float32)}}
+  never exported (SentenceEncoder ignores the extra key): `kernel` when given (e.g.
+  distill_projection_kernel's), else N(0, 1/student_dims)."""
+  if kernel is None:
+    kernel = np.random.default_rng([seed, 7]).normal(0, student_dims ** -0.5,
+                                                     (student_dims, teacher_dims))
+  if kernel.shape != (student_dims, teacher_dims):
+    raise ValueError(f"distillation projection has shape {kernel.shape}, expected "
+                     f"{(student_dims, teacher_dims)}")
+  return {**params, DISTILL_PROJECTION: {"kernel": np.asarray(kernel, np.float32)}}
+
+
+def distill_projection_kernel(config, dataset, store, start: Embedder, workdir: Path) -> np.ndarray:
+  """[student dims, teacher dims]: the least-squares map from the starting student's unit
+  embeddings to the teacher's stored vectors, over `distill.projection_texts` of the unlabelled
+  texts (a seeded sample; a little ridge for stability). A random map would leave the student
+  chasing a random rotation of the teacher while the map itself barely moves at the encoder's
+  learning rate. Fitted once per workdir (<workdir>/distill_projection.npy)."""
+  cache = workdir / "distill_projection.npy"
+  if cache.exists():
+    return np.load(cache)
+  from embed_jax.checkpoint import atomic_write
+  from embed_jax.data.teacher import dataset_texts
+  ids, texts = dataset_texts(dataset, config.unlabelled.texts.split("+"))
+  take = sorted(np.random.default_rng([config.seed, 13]).permutation(len(ids))
+                [:config.distill.projection_texts])
+  log.info("distill.projection_init='lstsq': fitting on %d texts embedded by the starting model",
+           len(take))
+  s_NxS = start.encode([texts[i] for i in take], batch_size=config.evals.batch_size, normalize=True)
+  t_NxT = np.asarray(store.vectors[store.rows(ids[i] for i in take)], np.float32)
+  gram_SxS = s_NxS.T @ s_NxS
+  ridge = 1e-3 * np.trace(gram_SxS) / len(gram_SxS)
+  kernel = np.linalg.solve(gram_SxS + ridge * np.eye(len(gram_SxS)), s_NxS.T @ t_NxT)
+  kernel = kernel.astype(np.float32)
+  atomic_write(cache, lambda f: np.save(f, kernel), "wb")
+  return kernel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,9 +585,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     loader = SampledLoader(everything, [1.0] * len(main) + [t.cfg.weight for t in tasks],
                            config.task_sampling, config.seed)
   if config.distill.embedding > 0 and store.dims != model_config.embedding_dim:
-    params = add_distill_projection(params, model_config.embedding_dim, store.dims, config.seed)
-    log.info("embedding distillation through a learned %d -> %d projection (not exported)",
-             model_config.embedding_dim, store.dims)
+    kernel = (distill_projection_kernel(config, dataset, store, embedder(params), workdir)
+              if config.distill.projection_init == "lstsq" else None)
+    params = add_distill_projection(params, model_config.embedding_dim, store.dims, config.seed,
+                                    kernel)
+    log.info("embedding distillation through a learned %d -> %d projection (%s init, not "
+             "exported)", model_config.embedding_dim, store.dims, config.distill.projection_init)
   total_steps = loader.steps_per_epoch * config.num_epochs
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps) if config.num_epochs > 0 else config.max_steps

@@ -159,6 +159,38 @@ def test_unlabelled_distillation_smoke_trains_through_a_projection(tiny_beir, ti
   assert T.DISTILL_PROJECTION not in params and config.embedding_dim == 32
 
 
+def test_lstsq_projection_starts_at_the_best_linear_map_to_the_teacher(tiny_beir, tiny_dataset,
+                                                                       tmp_path):
+  """distill.projection_init='lstsq': with a teacher that is a linear map of the starting student
+  (then normalised), the fitted projection recovers it; the fit is cached for a resumed run, and
+  the first step's embedding loss is far below that of a random projection."""
+  import embed_jax
+  from embed_jax.testing import make_tiny_model
+  student = embed_jax.load(make_tiny_model(tmp_path / "student"))  # the smoke run's tiny model
+  ids, texts = dataset_texts(tiny_dataset, ("corpus", "queries"))
+  s = student.encode(texts, normalize=True)
+  m = RNG.normal(size=(32, 48))
+  store = import_store(s @ m, ids, tiny_dataset, ("corpus", "queries"), tmp_path / "store",
+                       name="linear")
+  first_loss = {}
+  for init in ("lstsq", "random"):
+    c = _distill_config(tiny_beir, store, **{
+        "loss.weight": 0.0, "distill.embedding": 1.0, "unlabelled.texts": "corpus+queries",
+        "unlabelled.batch_size": 8, "distill.projection_init": init, "max_steps": 1})
+    T.train(c, tmp_path / init)
+    first = json.loads((tmp_path / init / "metrics.jsonl").read_text().splitlines()[0])
+    first_loss[init] = first["loss"]  # the only term: the embedding loss
+  kernel = np.load(tmp_path / "lstsq" / "distill_projection.npy")
+  cos = np.sum(_unit(s @ kernel) * _unit(s @ m), -1)
+  assert cos.min() > 0.99
+  assert not (tmp_path / "random" / "distill_projection.npy").exists()
+  assert first_loss["lstsq"] < 0.1 * first_loss["random"]
+  # A resumed (or re-run) workdir reads the cached fit instead of encoding again.
+  c.distill.projection_init = "lstsq"
+  again = T.distill_projection_kernel(c, tiny_dataset, TeacherStore(store), None, tmp_path / "lstsq")
+  np.testing.assert_array_equal(again, kernel)
+
+
 def test_pair_distillation_with_labels_smoke(tiny_beir, tiny_dataset, teacher_dir, tmp_path):
   import embed_jax
   store = build_store(embed_jax.load(teacher_dir), tiny_dataset, ("corpus", "queries"),
@@ -172,6 +204,7 @@ def test_pair_distillation_with_labels_smoke(tiny_beir, tiny_dataset, teacher_di
     ({"distill.scores": 1.0, "distill.store": ""}, r"distill.scores > 0 needs distill.store"),
     ({"distill.store": "/no/such/store"}, "distill.store='/no/such/store' does not exist"),
     ({"loss.weight": 0.0}, "nothing to train"),
+    ({"distill.projection_init": "pca"}, "distill.projection_init='pca': choose lstsq or random"),
     ({"distill.margin_mse": 1.0, "distill.store": "."}, "margin_mse > 0 needs hard negatives"),
 ])
 def test_bad_distillation_config_is_refused(change, message, tiny_beir):
