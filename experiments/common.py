@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,19 +19,39 @@ RESULTS = REPO / "experiments" / "results"
 def run_config(spec: str, workdir: str | os.PathLike, overrides: list[str] = ()) -> dict:
   """Trains `configs/<spec>` ("name" or "name:arg") in `workdir`, resuming what is done (a
   finished run is not repeated). Returns the training summary plus `wall_clock_min`, summed over
-  the invocations that trained (kept in <workdir>/wall_clock.json)."""
+  the invocations that trained (kept in <workdir>/wall_clock.json), those that died included."""
   from embed_jax.cli import load_config
   from embed_jax.train import train
   name, _, arg = spec.partition(":")
   workdir = Path(workdir)
-  clock = workdir / "wall_clock.json"
+  clock, partial = workdir / "wall_clock.json", workdir / "wall_clock.partial.json"
   spent = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
+  if partial.exists():  # an invocation that died (killed, crashed) still spent its time
+    spent += json.loads(partial.read_text())["seconds"]
+    workdir.mkdir(parents=True, exist_ok=True)
+    clock.write_text(json.dumps({"seconds": spent}) + "\n")
+    partial.unlink()
   t = time.perf_counter()
-  config = load_config(str(REPO / "configs" / f"{name}.py") + (f":{arg}" if arg else ""), list(overrides))
-  summary = train(config, workdir)
+  stop = threading.Event()
+
+  def tick():  # every 30 s, so a crash loses at most that much of the clock
+    while not stop.wait(30):
+      workdir.mkdir(parents=True, exist_ok=True)
+      partial.write_text(json.dumps({"seconds": time.perf_counter() - t}) + "\n")
+
+  ticker = threading.Thread(target=tick, daemon=True)
+  ticker.start()
+  try:
+    config = load_config(str(REPO / "configs" / f"{name}.py") + (f":{arg}" if arg else ""),
+                         list(overrides))
+    summary = train(config, workdir)
+  finally:
+    stop.set()
+    ticker.join()
   if summary["steps_run"]:
     spent += time.perf_counter() - t
     clock.write_text(json.dumps({"seconds": spent}) + "\n")
+  partial.unlink(missing_ok=True)
   return {**summary, "wall_clock_min": spent / 60, "config": f"configs/{name}.py" + (f":{arg}" if arg else "")}
 
 
