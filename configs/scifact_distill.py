@@ -10,7 +10,9 @@ Losses: the student's embedding through a learned 384 -> 768 projection (trainin
 exported; it starts as the least-squares map from the starting student's embeddings of 4,096 of
 these texts to the teacher's) against the teacher's (MSE of unit vectors), and the KL between the teacher's and the
 student's similarity distributions over each batch of 64 texts. Expected (experiments/distill.py):
-closes at least half of the student-teacher nDCG@10 gap. `:smoke` runs in seconds.
+closes at least half of the student-teacher nDCG@10 gap. `:lr2e-4` is the same run at a peak
+learning rate of 2e-4 instead of 5e-5 (the embedding loss of the default run falls only from 0.47
+to 0.43 in its 186 steps). `:smoke` runs in seconds.
 """
 
 from configs import base, scifact_mnrl
@@ -29,7 +31,9 @@ def get_config(arg: str | None = None):
   c.distill.scores = 1.0
   c.distill.temperature = 0.05
   c.distill.teacher_temperature = 0.05
-  if arg == "smoke":
+  if arg == "lr2e-4":
+    c.optim.lr = 2e-4
+  elif arg == "smoke":
     base.apply_smoke(c)
     c.distill.store = ""  # set by the test to a store of a tiny teacher
     c.distill.teacher = ""
