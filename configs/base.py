@@ -155,3 +155,12 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.evals.batch_size = 256
   c.unlabelled.batch_size = 8
   return c
+
+
+def variants(arg: str | None, allowed: tuple[str, ...], config: str) -> set[str]:
+  """The comma-separated variant flags of `--config configs/<config>:<arg>`; refuses unknown ones."""
+  flags = set((arg or "").split(",")) - {""}
+  if flags - set(allowed):
+    raise ValueError(f"configs/{config}: unknown variant {sorted(flags - set(allowed))}; "
+                     f"use {', '.join(allowed)}")
+  return flags

@@ -20,10 +20,7 @@ from embed_jax.tasks import task
 
 
 def get_config(arg: str | None = None):
-  flags = set((arg or "").split(",")) - {""}
-  if flags - {"probe", "smoke"}:
-    raise ValueError(f"configs/scifact_mlm.py: unknown variant {sorted(flags - {'probe', 'smoke'})}; "
-                     f"use probe, smoke")
+  flags = base.variants(arg, ("probe", "smoke"), "scifact_mlm.py")
   c = scifact_mnrl.get_config()
   c.loss.weight = 0.0  # no labelled pairs: MLM only
   c.tasks.mlm = task("mlm", texts="corpus", batch_size=32, rate=0.15, whole_word=True,

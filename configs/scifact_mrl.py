@@ -17,10 +17,7 @@ from configs import base, scifact_mnrl
 
 
 def get_config(arg: str | None = None):
-  flags = set((arg or "").split(",")) - {""}
-  unknown = flags - {"nopca", "sd", "smoke"}
-  if unknown:
-    raise ValueError(f"configs/scifact_mrl.py: unknown variant {sorted(unknown)}; use nopca, sd, smoke")
+  flags = base.variants(arg, ("nopca", "sd", "smoke"), "scifact_mrl.py")
   c = scifact_mnrl.get_config()
   c.matryoshka.dims = (384, 256, 128, 64, 32)
   c.matryoshka.weights = ()  # all 1.0, as sentence-transformers' MatryoshkaLoss

@@ -26,10 +26,7 @@ def get_config(arg: str | None = None):
   c.tasks.nli = task("triplets", dataset="snli", split="dev", loss="mnrl", scale=20.0,
                      batch_size=32, weight=1.0)
   c.task_sampling = "all"
-  flags = set((arg or "").split(",")) - {""}
-  if flags - {"balanced", "smoke"}:
-    raise ValueError(f"configs/scifact_multitask.py: unknown variant "
-                     f"{sorted(flags - {'balanced', 'smoke'})}; use balanced, smoke")
+  flags = base.variants(arg, ("balanced", "smoke"), "scifact_multitask.py")
   if "balanced" in flags:
     c.tasks.stsb.weight = 0.07  # step-0 gradient norms: STS-B 138.9, SciFact 9.6, NLI 8.5
   if "smoke" in flags:

@@ -23,27 +23,26 @@ def run_config(spec: str, workdir: str | os.PathLike, overrides: list[str] = ())
   from embed_jax.cli import load_config
   from embed_jax.train import train
   name, _, arg = spec.partition(":")
+  config_path = f"configs/{name}.py" + (f":{arg}" if arg else "")
   workdir = Path(workdir)
   clock, partial = workdir / "wall_clock.json", workdir / "wall_clock.partial.json"
   spent = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
   if partial.exists():  # an invocation that died (killed, crashed) still spent its time
     spent += json.loads(partial.read_text())["seconds"]
-    workdir.mkdir(parents=True, exist_ok=True)
     clock.write_text(json.dumps({"seconds": spent}) + "\n")
     partial.unlink()
+  workdir.mkdir(parents=True, exist_ok=True)
   t = time.perf_counter()
   stop = threading.Event()
 
   def tick():  # every 30 s, so a crash loses at most that much of the clock
     while not stop.wait(30):
-      workdir.mkdir(parents=True, exist_ok=True)
       partial.write_text(json.dumps({"seconds": time.perf_counter() - t}) + "\n")
 
   ticker = threading.Thread(target=tick, daemon=True)
   ticker.start()
   try:
-    config = load_config(str(REPO / "configs" / f"{name}.py") + (f":{arg}" if arg else ""),
-                         list(overrides))
+    config = load_config(str(REPO / config_path), list(overrides))
     summary = train(config, workdir)
   finally:
     stop.set()
@@ -52,7 +51,7 @@ def run_config(spec: str, workdir: str | os.PathLike, overrides: list[str] = ())
     spent += time.perf_counter() - t
     clock.write_text(json.dumps({"seconds": spent}) + "\n")
   partial.unlink(missing_ok=True)
-  return {**summary, "wall_clock_min": spent / 60, "config": f"configs/{name}.py" + (f":{arg}" if arg else "")}
+  return {**summary, "wall_clock_min": spent / 60, "config": config_path}
 
 
 def metrics_at_dims(workdir: str | os.PathLike, dims, dataset: str = "scifact") -> dict[int, dict]:
