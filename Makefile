@@ -24,7 +24,7 @@ install-dev:
 # after. About 25 minutes on a 2-core CPU; re-running resumes from the last checkpoint.
 demo: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m embed_jax.cli train --config configs/scifact_mnrl.py \
-	  --workdir runs/demo --config.evals.test_at_start=True
+	  --workdir runs/demo --config.evals.test.at_start=True
 
 eval: install
 	HF_HUB_OFFLINE=1 $(PYTHON) -m embed_jax.cli eval --model sentence-transformers/all-MiniLM-L6-v2 \

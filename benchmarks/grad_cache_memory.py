@@ -26,15 +26,18 @@ def temp_bytes(cfg, params, batch_size: int, seq_len: int, chunk: int) -> tuple[
   from configs import scifact_mnrl
   from embed_jax import train
   from embed_jax.models import SentenceEncoder
+  from embed_jax.objective import build_objective
   c = scifact_mnrl.get_config()
   c.train.grad_cache_chunk = chunk
   tx, schedule = train.make_optimizer(c.optim, 100)
   state = jax.eval_shape(lambda: train.init_state(params, tx, 0))
   ids = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
   vec = lambda dt: jax.ShapeDtypeStruct((batch_size,), dt)
-  batch = {"q_ids_BxLq": ids, "q_mask_BxLq": ids, "p_ids_BxLd": ids, "p_mask_BxLd": ids,
-           "query_B": vec(jnp.int32), "pos_doc_B": vec(jnp.int32), "valid_B": vec(jnp.bool_)}
-  step = jax.jit(train.make_train_step(SentenceEncoder(cfg), c, tx, schedule), donate_argnums=0)
+  batch = {"groups": {"q": {"ids": ids, "mask": ids}, "p": {"ids": ids, "mask": ids}},
+           "inputs": {"pairs": {"q_ids_B": vec(jnp.int32), "p_ids_B": vec(jnp.int32),
+                                "valid_B": vec(jnp.bool_)}}}
+  step = jax.jit(train.make_train_step(SentenceEncoder(cfg), build_objective(c), c, tx, schedule),
+                 donate_argnums=0)
   mem = step.lower(state, batch).compile().memory_analysis()
   return mem.temp_size_in_bytes, mem.argument_size_in_bytes
 

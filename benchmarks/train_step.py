@@ -32,6 +32,7 @@ def jax_stepper(model_dir: str, texts_q, texts_p, seq_len: int, dropout: bool):
   from embed_jax import hf, train
   from embed_jax.embedder import load_tokenizer
   from embed_jax.models import SentenceEncoder
+  from embed_jax.objective import build_objective
   cfg, params = hf.load(model_dir, max_seq_length=seq_len)
   if not dropout:
     cfg = cfg.replace(hidden_dropout=0.0, attention_dropout=0.0)
@@ -41,13 +42,14 @@ def jax_stepper(model_dir: str, texts_q, texts_p, seq_len: int, dropout: bool):
   enc = lambda t: tok(t, truncation=True, max_length=seq_len, padding="max_length", return_tensors="np")
   q, p = enc(texts_q), enc(texts_p)
   b = len(texts_q)
-  batch = {"q_ids_BxLq": q["input_ids"].astype(np.int32), "q_mask_BxLq": q["attention_mask"].astype(np.int32),
-           "p_ids_BxLd": p["input_ids"].astype(np.int32), "p_mask_BxLd": p["attention_mask"].astype(np.int32),
-           "query_B": np.arange(b, dtype=np.int32), "pos_doc_B": np.arange(b, dtype=np.int32),
-           "valid_B": np.ones(b, bool)}
+  text = lambda e: {"ids": e["input_ids"].astype(np.int32), "mask": e["attention_mask"].astype(np.int32)}  # noqa: E731
+  batch = {"groups": {"q": text(q), "p": text(p)},
+           "inputs": {"pairs": {"q_ids_B": np.arange(b, dtype=np.int32),
+                                "p_ids_B": np.arange(b, dtype=np.int32), "valid_B": np.ones(b, bool)}}}
   tx, schedule = train.make_optimizer(c.optim, 1000)
-  runner = train.JitRunner(train.make_train_step(SentenceEncoder(cfg), c, tx, schedule), jax.devices()[:1])
-  holder = [runner.put_state(train.init_state(params, tx, 0))]
+  step = train.make_train_step(SentenceEncoder(cfg), build_objective(c), c, tx, schedule)
+  runner = train.JitRunner(step, jax.devices()[:1])
+  holder = [train.start_state(runner, params, tx, 0)[0]]
 
   def run(n: int) -> float:
     t = time.perf_counter()

@@ -6,6 +6,8 @@
 
 import ml_collections
 
+from embed_jax.evaluate import evaluator
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -21,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.query_max_seq_length = 64  # queries are short claims/questions
   c.dtype = "float32"  # compute dtype; bfloat16 on TPU/GPU
   c.dropout = True  # the encoder's own dropout rates during training
+  # What the model outputs for a text and how outputs are scored (embed_jax.representations):
+  # dense = one vector per text, cosine. The objective, evaluators and export all use it.
+  c.representation = "dense"
 
   # Data: pairs from a BEIR split's qrels (relevance > 0).
   c.data = ml_collections.ConfigDict()
@@ -40,9 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.mine.num_negatives = 5  # kept per query; training samples data.num_negatives of them
   c.data.mine.sampling = "random"  # random | top
 
-  # Loss over embeddings (embed_jax.losses).
+  # The labelled pairs' loss (embed_jax.losses; graded pairs with CoSENT are a task, see tasks).
   c.loss = ml_collections.ConfigDict()
-  c.loss.name = "mnrl"  # mnrl (InfoNCE) | triplet | cosent
+  c.loss.name = "mnrl"  # mnrl (InfoNCE) | triplet
   c.loss.scale = 20.0  # 1 / temperature on cosine similarities
   c.loss.symmetric = False  # also rank queries given each positive
   c.loss.margin = 0.5  # triplet margin
@@ -133,14 +138,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 50
   c.checkpoint.keep = 2
 
-  # Evaluators, each with its own cadence (0 = only at the end).
+  # Evaluators (embed_jax.evaluate.evaluator), each with its cadence: `every` n steps during
+  # training (0 = never), `at_start` (the starting model -> <output>_before.json), `at_end` (the
+  # final model -> <output>.json); its headline metric is in metrics.jsonl and the summary.
   c.evals = ml_collections.ConfigDict()
-  c.evals.dev_every_steps = 0  # nDCG@10 on the dev queries; needs a dev split
-  c.evals.test_at_start = False  # also the starting model -> results_before.json (before/after)
-  c.evals.test_at_end = True  # BEIR test evaluation of the final model -> results.json
-  c.evals.mlm_heldout = True  # MLM tasks: held-out accuracy/perplexity at start and end
-  c.evals.batch_size = 64
-  c.export = "final"  # final | best (best dev nDCG@10)
+  # BEIR test split at every Matryoshka dim -> results.json (test_at_start: before/after)
+  c.evals.test = evaluator("retrieval", split="test", at_end=True, output="results")
+  # nDCG@10 of the dev queries (data.dev_split, or carved by data.dev_fraction); every > 0 needs one
+  c.evals.dev = evaluator("retrieval", split="dev", all_dims=False, k_values=(10,))
+  # MLM tasks: held-out masked-token accuracy and perplexity -> mlm_before.json, mlm.json
+  c.evals.mlm = evaluator("mlm_heldout", at_start=True, at_end=True)
+  c.encode_batch_size = 64  # texts per forward outside the step: evaluators, mining, fits
+  c.export = "final"  # final | best (the best evals.dev nDCG@10)
   return c
 
 
@@ -152,7 +161,7 @@ def apply_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.batch_size = 8
   c.max_steps = 4
   c.checkpoint.every_steps = 2
-  c.evals.batch_size = 256
+  c.encode_batch_size = 256
   c.unlabelled.batch_size = 8
   return c
 

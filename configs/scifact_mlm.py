@@ -4,7 +4,7 @@ corpus (documents cut into 256-token windows; 2% of the documents held out).
     embed-jax train --config configs/scifact_mlm.py --workdir runs/domain/mlm
 
 all-MiniLM-L6-v2 ships without an MLM head: one is initialised (the log says so). Reports the
-held-out masked-token accuracy and perplexity before and after (mlm_before.json, mlm_after.json)
+held-out masked-token accuracy and perplexity before and after (mlm_before.json, mlm.json)
 and writes two exports: <workdir>/export (sentence-transformers; the `init` of
 configs/scifact_mlm_then_mnrl.py) and <workdir>/export_mlm (BertForMaskedLM, with the head).
 The head starts random, so it learns at optim.head_lr = 1e-3 while the encoder moves at 5e-5.
@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
   c.optim.lr = 5e-5  # the encoder's peak rate
   c.optim.head_lr = 1e-3  # the MLM head's: it starts random
   c.optim.warmup_ratio = 0.06
-  c.evals.test_at_end = False  # the retrieval test comes after contrastive fine-tuning
+  c.evals.test.at_end = False  # the retrieval test comes after contrastive fine-tuning
   c.export_mlm = True
   c.checkpoint.every_steps = 50
   if "probe" in flags:

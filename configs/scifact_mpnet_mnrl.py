@@ -17,7 +17,7 @@ def get_config(arg: str | None = None):
   c = scifact_mnrl.get_config()
   c.model = "sentence-transformers/all-mpnet-base-v2"
   c.max_seq_length = 256
-  c.evals.test_at_end = False
-  c.evals.batch_size = 32
+  c.evals.test.at_end = False
+  c.encode_batch_size = 32
   c.checkpoint.every_steps = 10  # ~70 s a step here: resume loses little
   return base.apply_smoke(c) if arg == "smoke" else c

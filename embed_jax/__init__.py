@@ -8,8 +8,16 @@
 
 __version__ = "0.1.0"
 
-from embed_jax.checkpoint import export
-from embed_jax.embedder import Embedder, load
-from embed_jax.models import ModelConfig
-
 __all__ = ["load", "export", "Embedder", "ModelConfig", "__version__"]
+
+# Imported on first use, so that `import embed_jax.cli` (and `embed-jax --help`) does not load
+# JAX and Flax.
+_LAZY = {"load": "embed_jax.embedder", "Embedder": "embed_jax.embedder",
+         "export": "embed_jax.checkpoint", "ModelConfig": "embed_jax.models"}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'embed_jax' has no attribute {name!r}")

@@ -1,4 +1,11 @@
-"""Export to a Hugging Face / sentence-transformers folder (Orbax checkpointing joins later)."""
+"""Checkpoints and exports: Orbax checkpoints of the train state (in <workdir>/checkpoints), and
+atomic exports to Hugging Face / sentence-transformers and BertForMaskedLM folders.
+
+    mngr = checkpoint_manager(workdir, keep=2)
+    save_checkpoint(mngr, state, meta)          # asynchronous; the data position is the step
+    state, meta = restore_checkpoint(mngr, abstract_state)  # into abstract_state's shardings
+    export(params, model_config, tokenizer, "exports/minilm")
+"""
 
 from __future__ import annotations
 
@@ -8,12 +15,48 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from embed_jax import hf
 from embed_jax.models import ModelConfig
 
 _MODEL_FILES = ("config.json", "model.safetensors", "modules.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Orbax checkpoints of the train state.
+# ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_manager(workdir: Path, keep: int = 2):
+  """Orbax's manager of <workdir>/checkpoints, keeping the last `keep`, saving asynchronously."""
+  import orbax.checkpoint as ocp
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=True)
+  return ocp.CheckpointManager((Path(workdir) / "checkpoints").absolute(), options=options)
+
+
+def save_checkpoint(mngr, state, meta: dict) -> None:
+  """The state (a pytree with a `step`) and JSON metadata, at the state's step."""
+  import orbax.checkpoint as ocp
+  mngr.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)))
+
+
+def restore_checkpoint(mngr, abstract_state, step: int | None = None):
+  """(state, meta) at `step` (default: the latest). `abstract_state` gives the structure, shapes,
+  dtypes and shardings (jax.ShapeDtypeStruct leaves, e.g. from jax.eval_shape, or arrays): each
+  array is read straight into its sharding, never built whole on one device first."""
+  import orbax.checkpoint as ocp
+  step = mngr.latest_step() if step is None else step
+  out = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+  return out.state, out.meta
+
+
+def params_are_finite(params) -> bool:
+  return all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(params))
 
 
 def atomic_write(path: Path, write, mode: str = "wb") -> None:

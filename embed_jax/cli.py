@@ -1,4 +1,8 @@
-"""`embed-jax <command>`: encode, eval, sts, train, mine, teacher, fetch-model."""
+"""`embed-jax <command>`: encode, eval, sts, train, mine, teacher, fetch-model.
+
+Each command imports what it needs when it runs (JAX, Flax, TFDS, transformers), so the parser
+and `--help` stay fast.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,14 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from embed_jax.checkpoint import atomic_write
-from embed_jax.train import TrainingError
-
 
 class CliError(Exception):
   """A user error: printed as one line, exit code 2."""
+
+
+def atomic_write(path: Path, write, mode: str = "wb") -> None:
+  from embed_jax.checkpoint import atomic_write as write_atomically
+  write_atomically(path, write, mode)
 
 
 def read_texts(path: Path, field: str = "text") -> list[str]:
@@ -48,6 +52,8 @@ def read_texts(path: Path, field: str = "text") -> list[str]:
 
 
 def cmd_encode(args) -> None:
+  import numpy as np
+
   import embed_jax
   texts = read_texts(Path(args.input), args.field)
   output = Path(args.output)
@@ -182,6 +188,8 @@ def cmd_sts(args) -> None:
 
 
 def cmd_teacher(args) -> None:
+  import numpy as np
+
   from embed_jax.data import load_beir
   from embed_jax.data.teacher import TeacherStore, build_store, import_store
   dataset = load_beir(args.dataset, data_dir=args.data_dir)
@@ -287,9 +295,57 @@ def build_parser() -> argparse.ArgumentParser:
   te.add_argument("--import_ids", default=None, help="text ids of the rows, one a line")
   te.set_defaults(func=cmd_teacher)
 
-  from embed_jax.data.mining import add_mine_parser
   add_mine_parser(sub)
   return p
+
+
+def _margin(text: str) -> float | None:
+  if text.strip().lower() == "none":
+    return None
+  try:
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+def cmd_mine(args) -> None:
+  from embed_jax.data.mining import cmd_mine as mine
+  mine(args)
+
+
+def add_mine_parser(subparsers) -> argparse.ArgumentParser:
+  """Adds `mine` (embed_jax.data.mining.cmd_mine) to an argparse subparsers object."""
+  m = subparsers.add_parser("mine", help="hard negatives for a BEIR split (JSONL + .meta.json)")
+  m.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
+                 help="local folder or hub id")
+  m.add_argument("--dataset", default="scifact",
+                 help="a BEIR name (under $EMBED_JAX_DATA/beir, or downloaded) or a folder/zip")
+  m.add_argument("--split", default="train", help="qrels split whose queries get negatives")
+  m.add_argument("--out", required=True,
+                 help="output .jsonl (settings go to <out>.meta.json; folders are created)")
+  m.add_argument("--top_k", type=int, default=100,
+                 help="documents retrieved per query, positives included")
+  m.add_argument("--skip_top", type=int, default=0,
+                 help="drop this many best non-positive documents (likely unlabelled positives)")
+  m.add_argument("--margin", type=_margin, default=0.0,
+                 help="drop candidates scoring >= lowest positive score - margin ('none': off)")
+  m.add_argument("--num_negatives", type=int, default=5, help="negatives per query (at most)")
+  m.add_argument("--sampling", default="random",
+                 help="random (a uniform sample of the remaining candidates) or top (the best)")
+  m.add_argument("--seed", type=int, default=0, help="for --sampling random")
+  m.add_argument("--batch_size", type=int, default=64, help="encoding batch size")
+  m.add_argument("--data_dir", default=None,
+                 help="TFDS cache folder (default ~/.cache/embed_jax/tfds)")
+  m.set_defaults(func=cmd_mine)
+  return m
+
+
+def _user_errors() -> tuple:
+  """The exceptions printed as one line (anything else keeps its traceback): bad input, and a
+  run that cannot go on (embed_jax.train, if a command loaded it)."""
+  train = sys.modules.get("embed_jax.train")
+  return (CliError, FileNotFoundError, FileExistsError, ValueError, TypeError) + (
+      (train.TrainingError,) if train is not None else ())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
       raise CliError(f"unrecognised arguments: {' '.join(extra)}")
     else:
       args.func(args)
-  except (CliError, TrainingError, FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
+  except _user_errors() as e:
     print(f"embed-jax {args.command}: error: {e}", file=sys.stderr)
     return 2
   return 0

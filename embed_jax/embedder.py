@@ -13,6 +13,7 @@ import numpy as np
 
 from embed_jax import hf
 from embed_jax.models import ModelConfig, SentenceEncoder
+from embed_jax.models.pooling import l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class Embedder:
     bar.update(len(pending[0]))
     bar.close()
     if self.config.normalize if normalize is None else normalize:
-      out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+      out = l2_normalize(out)
     return out
 
   def save(self, out_dir: str | os.PathLike) -> Path:

@@ -1,4 +1,6 @@
-"""Evaluation: IR metrics with pytrec_eval semantics (as BEIR and MTEB use them).
+"""Evaluation: IR metrics with pytrec_eval semantics (as BEIR and MTEB use them), the indexes
+that store and search a representation's corpus, the retrieval and STS evaluators, and the
+evaluators a training config declares (`config.evals.<name>`, built by `build_evaluators`).
 
     qrels = {"q1": {"d1": 1, "d7": 2}}                      # graded relevance; <= 0: not relevant
     run = run_from_topk(query_ids, doc_ids, scores_QxK, indices_QxK)
@@ -8,11 +10,16 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Mapping, Sequence
 
+import ml_collections
 import numpy as np
+
+from embed_jax.models.pooling import l2_normalize as unit
 
 log = logging.getLogger(__name__)
 
@@ -163,29 +170,16 @@ def run_from_topk(query_ids: Sequence[str], doc_ids: Sequence[str], scores_QxK: 
 
 
 # ----------------------------------------------------------------------------------------------
-# ---- Representations: how documents are stored and searched ----
+# ---- Indexes: how a dense representation's documents are stored and searched ----
 # ----------------------------------------------------------------------------------------------
 #
-# Each representation indexes the corpus embeddings, searches with the query embeddings, and
-# reports its bytes per document. Exact search is a chunked product with a running top-k, so no
-# [queries, corpus] matrix is held for a large corpus.
+# Each index holds the corpus embeddings at one precision, searches with the query embeddings,
+# and reports its bytes per document (the "representation" field of a result row). Exact search
+# is a chunked product with a running top-k, so no [queries, corpus] matrix is held for a large
+# corpus. embed_jax.representations.Dense.indexes picks them.
 
 PRECISIONS = ("float32", "int8", "uint8", "binary")
 DOC_CHUNK = 16384  # documents scored at once
-
-
-def principal_axes(x_NxD: np.ndarray) -> np.ndarray:
-  """[D, D]: the principal axes of the (centred) rows as columns, largest variance first. An
-  orthogonal matrix: rotating embeddings by it keeps every cosine, and puts the most variance a
-  linear map to d dims can keep into the first d."""
-  centred_NxD = np.asarray(x_NxD, np.float64)
-  centred_NxD = centred_NxD - centred_NxD.mean(0)
-  _, axes_DxD = np.linalg.eigh(centred_NxD.T @ centred_NxD)  # ascending eigenvalues
-  return axes_DxD[:, ::-1]
-
-
-def unit(x_NxD: np.ndarray) -> np.ndarray:
-  return x_NxD / np.maximum(np.linalg.norm(x_NxD, axis=1, keepdims=True), 1e-12)
 
 
 def topk_search(score_chunk, num_docs: int, k: int, chunk: int = DOC_CHUNK):
@@ -302,7 +296,8 @@ class Binary:
     return np.take_along_axis(scores_QxR, order_QxR, 1), np.take_along_axis(cand_QxR, order_QxR, 1)
 
 
-def representation(precision: str, rescore: int = 0):
+def dense_index(precision: str, rescore: int = 0):
+  """An empty index of dense vectors at `precision` (float32 | int8 | uint8 | binary)."""
   if precision == "float32":
     return Float32()
   if precision in ("int8", "uint8"):
@@ -322,11 +317,17 @@ DEFAULT_K = (1, 3, 5, 10, 100, 1000)
 def evaluate_embeddings(queries_QxD: np.ndarray, query_ids: Sequence[str], docs_NxD: np.ndarray,
                         doc_ids: Sequence[str], qrels: Mapping[str, Mapping[str, int]], *,
                         dims: Sequence[int] | None = None, precisions: Sequence[str] = ("float32",),
-                        rescore: int = 0, k_values: Sequence[int] = DEFAULT_K) -> list[dict]:
-  """Every (dims, representation) over one set of embeddings: metrics, bytes, ms per query.
+                        rescore: int = 0, k_values: Sequence[int] = DEFAULT_K,
+                        representation=None) -> list[dict]:
+  """Every (dims, index) over one set of outputs: metrics, bytes, ms per query.
 
-  Embeddings are the model's full-dimensional output; each d keeps the first d dims, re-normalised.
+  Outputs are the model's full-dimensional ones; each d keeps the first d dims (the
+  representation's Matryoshka prefix; dense vectors are re-normalised by the search).
+  `representation` (embed_jax.representations; default dense) gives the indexes.
   """
+  if representation is None:
+    from embed_jax.representations import Dense
+    representation = Dense()
   full = docs_NxD.shape[1]
   dims = sorted({int(d) for d in (dims or [full])}, reverse=True)
   if any(not 1 <= d <= full for d in dims):
@@ -337,20 +338,17 @@ def evaluate_embeddings(queries_QxD: np.ndarray, query_ids: Sequence[str], docs_
   k = max(k_values)
   results = []
   for d in dims:
-    reps = [representation(p) for p in precisions]
-    if rescore and "binary" in precisions:
-      reps.append(Binary(rescore))
-    for rep in reps:
-      if isinstance(rep, Binary) and d % 8:
+    for index in representation.indexes(precisions, rescore):
+      if isinstance(index, Binary) and d % 8:
         log.warning("binary at %d dims: not a multiple of 8, the last byte is padded", d)
-      rep.index(docs_NxD[:, :d])
+      index.index(representation.prefix(docs_NxD, d))
       t = time.perf_counter()
-      scores_QxK, idx_QxK = rep.search(queries_QxD[:, :d], k)
+      scores_QxK, idx_QxK = index.search(representation.prefix(queries_QxD, d), k)
       ms = (time.perf_counter() - t) * 1e3 / max(len(query_ids), 1)
       run = run_from_topk(query_ids, doc_ids, scores_QxK, idx_QxK)
-      results.append({"representation": rep.name, "dims": d,
+      results.append({"representation": index.name, "dims": d,
                       "metrics": ir_metrics(qrels, run, k_values),
-                      "bytes_per_doc": rep.bytes_per_doc, "ms_per_query": round(ms, 4)})
+                      "bytes_per_doc": index.bytes_per_doc, "ms_per_query": round(ms, 4)})
   return results
 
 
@@ -371,31 +369,37 @@ def evaluate_retrieval(model, dataset, split: str = "test", *, dims: Sequence[in
                        precisions: Sequence[str] = ("float32",), rescore: int = 0,
                        k_values: Sequence[int] = DEFAULT_K, batch_size: int = 32,
                        show_progress: bool | None = None,
-                       qrels: Mapping[str, Mapping[str, int]] | None = None) -> dict:
-  """Encodes a BEIR split's judged queries and the corpus once, then evaluates each representation.
+                       qrels: Mapping[str, Mapping[str, int]] | None = None,
+                       representation=None) -> dict:
+  """Encodes a BEIR split's judged queries and the corpus once, then evaluates each index.
 
-  `qrels` overrides the split's (e.g. dev queries carved from train). Returns {"settings": {...},
-  "results": [...]}: the settings name the model fingerprint, dataset checksum, max_seq_length and
-  text joining, so that a number can be traced to what produced it.
+  `qrels` overrides the split's (e.g. dev queries carved from train); `representation` (default
+  dense) encodes and searches. Returns {"settings": {...}, "results": [...]}: the settings name
+  the model fingerprint, dataset checksum, max_seq_length and text joining, so that a number can
+  be traced to what produced it.
   """
+  if representation is None:
+    from embed_jax.representations import Dense
+    representation = Dense()
   qrels = dataset.qrels(split) if qrels is None else qrels
   query_ids = [q for q in dataset.queries if q in qrels]
   queries = dataset.queries
   doc_ids = dataset.corpus_ids
   t = time.perf_counter()
-  docs_NxD = model.encode(dataset.corpus_texts(" "), batch_size=batch_size, normalize=False,
-                          show_progress=show_progress)
-  queries_QxD = model.encode([queries[q] for q in query_ids], batch_size=batch_size,
-                             normalize=False, show_progress=show_progress)
+  docs_NxD = representation.encode(model, dataset.corpus_texts(" "), batch_size=batch_size,
+                                   show_progress=show_progress)
+  queries_QxD = representation.encode(model, [queries[q] for q in query_ids],
+                                      batch_size=batch_size, show_progress=show_progress)
   encode_s = time.perf_counter() - t
   results = evaluate_embeddings(queries_QxD, query_ids, docs_NxD, doc_ids, qrels, dims=dims,
-                                precisions=precisions, rescore=rescore, k_values=k_values)
+                                precisions=precisions, rescore=rescore, k_values=k_values,
+                                representation=representation)
   settings = {
       "model": str(model.source), "model_fingerprint": model_fingerprint(model),
       "dataset": dataset.name, "dataset_checksum": dataset.checksum, "split": split,
       "num_queries": len(query_ids), "num_docs": len(doc_ids),
       "max_seq_length": model.config.max_seq_length, "text": 'title + " " + text',
-      "similarity": "cosine", "k_values": list(k_values), "rescore": rescore,
+      "similarity": representation.similarity, "k_values": list(k_values), "rescore": rescore,
       "encode_seconds": round(encode_s, 2),
   }
   return {"settings": settings, "results": results}
@@ -458,3 +462,214 @@ def evaluate_sts(model, dataset, split: str = "test", *, batch_size: int = 64,
   return {"dataset": dataset.name, "split": split, "pairs": len(gold),
           "dims": int(emb.shape[1]), "model": str(model.source),
           "cosine_spearman": 100 * spearman(cos, gold), "cosine_pearson": 100 * pearson(cos, gold)}
+
+
+# ----------------------------------------------------------------------------------------------
+# ---- Evaluators declared in a training config ----
+# ----------------------------------------------------------------------------------------------
+#
+#   c.evals.test = evaluator("retrieval", split="test", at_end=True, output="results")
+#   c.evals.dev = evaluator("retrieval", split="dev", every=20, all_dims=False, k_values=(10,))
+#
+# Each runs on the starting model (`at_start`: <workdir>/<output>_before.json), every `every`
+# training steps (0: never; its headline metric goes to metrics.jsonl as <name>_<metric>) and on
+# the final model (`at_end`: <output>.json). The run's summary holds each headline as
+# <name>_<metric> (and <name>_<metric>_before); export="best" keeps the model of the best `dev`
+# headline. A new kind of evaluator is a class with `defaults`, `metric`, `__call__(params) ->
+# result` and `headline(result)`, registered in EVALUATORS.
+
+
+class Retrieval:
+  """BEIR retrieval on a split's judged queries (split "dev": the run's dev queries, from
+  data.dev_split or carved from train by data.dev_fraction); float32 nDCG@10 is the headline."""
+  defaults = dict(split="test", all_dims=True, precisions=("float32",), k_values=DEFAULT_K)
+  metric = "ndcg@10"
+
+  def __init__(self, spec, run):
+    self.spec, self.run = spec, run
+
+  def problems(self) -> list[str]:
+    if self.spec.split == "dev" and not self.run.dev_qrels and (
+        self.spec.every or self.spec.at_start or self.spec.at_end):
+      return [f"evals.{self.spec.name} reads the dev queries, but there are none: set "
+              f"data.dev_split or data.dev_fraction"]
+    return []
+
+  def __call__(self, params) -> dict:
+    c, s = self.run.config, self.spec
+    split, qrels = s.split, None
+    if split == "dev":
+      split, qrels = c.data.dev_split or c.data.train_split, self.run.dev_qrels
+    model = self.run.embedder(params)
+    dims = sorted({model.dim, *c.matryoshka.dims}, reverse=True) if s.all_dims else None
+    out = evaluate_retrieval(model, self.run.dataset, split, qrels=qrels, dims=dims,
+                             precisions=tuple(s.precisions), k_values=tuple(s.k_values),
+                             batch_size=c.encode_batch_size, representation=self.run.representation)
+    out["settings"]["config"] = json.loads(c.to_json_best_effort())
+    return out
+
+  def headline(self, result: dict) -> float:
+    return result["results"][0]["metrics"][self.metric]
+
+
+class Sts:
+  """Spearman correlation of the cosine similarities with an STS dataset's gold scores."""
+  defaults = dict(dataset="stsb", split="test")
+  metric = "spearman"
+
+  def __init__(self, spec, run):
+    self.spec, self.run = spec, run
+
+  def problems(self) -> list[str]:
+    return []
+
+  def __call__(self, params) -> dict:
+    from embed_jax.data.sentences import load_sts
+    return evaluate_sts(self.run.embedder(params), load_sts(self.spec.dataset), self.spec.split,
+                        batch_size=self.run.config.encode_batch_size)
+
+  def headline(self, result: dict) -> float:
+    return result["cosine_spearman"]
+
+
+class MLMHeldout:
+  """Masked-token accuracy and perplexity of each MLM task on its held-out documents (the same
+  masks every time); a no-op without MLM tasks."""
+  defaults = dict()
+  metric = "perplexity"
+
+  def __init__(self, spec, run):
+    self.spec, self.run = spec, run
+    self.tasks = [t for t in run.tasks if t.heldout is not None]
+
+  def problems(self) -> list[str]:
+    return []
+
+  def __call__(self, params) -> dict | None:
+    if not self.tasks:
+      return None
+    from embed_jax.tasks import mlm_evaluate
+    out = {t.name: mlm_evaluate(self.run.module, params, t, self.run.config.seed)
+           for t in self.tasks}
+    for name, m in out.items():
+      log.info("%s: held-out masked-token accuracy %.4f, perplexity %.2f", name,
+               m["mlm_heldout_accuracy"], m["mlm_heldout_perplexity"])
+    return out
+
+  def headline(self, result: dict) -> float:
+    return next(iter(result.values()))["mlm_heldout_perplexity"]
+
+
+EVALUATORS = {"retrieval": Retrieval, "sts": Sts, "mlm_heldout": MLMHeldout}
+
+
+def evaluator(type: str, **fields) -> ml_collections.ConfigDict:
+  """An evaluator's config with its defaults (see the section comment above)."""
+  if type not in EVALUATORS:
+    raise ValueError(f"evaluator type {type!r}: choose from {', '.join(EVALUATORS)}")
+  c = ml_collections.ConfigDict()
+  c.type = type
+  c.every = 0  # steps between runs during training; 0 = never
+  c.at_start = False  # the starting model -> <workdir>/<output>_before.json
+  c.at_end = False  # the final model -> <workdir>/<output>.json
+  c.output = ""  # file name stem; "" = the evaluator's name
+  c.update(EVALUATORS[type].defaults)
+  c.update(fields)
+  return c
+
+
+class Evaluators:
+  """The evaluators of `config.evals`, built lazily: nothing is loaded or encoded until one
+  runs. `run` is what they may read of the training run: config, workdir, dataset, dev_qrels,
+  embedder (params -> Embedder), representation, module and tasks."""
+
+  def __init__(self, config, run):
+    self.run, self.workdir = run, Path(run.workdir)
+    self.items = {}
+    for name in sorted(config.evals.keys()):
+      spec = ml_collections.ConfigDict(config.evals[name].to_dict())
+      spec.name = name
+      self.items[name] = EVALUATORS[spec.type](spec, run)
+
+  def problems(self) -> list[str]:
+    return [p for e in self.items.values() for p in e.problems()]
+
+  def _path(self, name: str, when: str) -> Path:
+    stem = self.items[name].spec.output or name
+    return self.workdir / (f"{stem}_before.json" if when == "before" else f"{stem}.json")
+
+  def _write(self, name: str, when: str, params) -> None:
+    from embed_jax.checkpoint import atomic_write
+    result = self.items[name](params)
+    if result is not None:
+      atomic_write(self._path(name, when),
+                   lambda f: f.write(json.dumps(result, indent=2) + "\n"), "w")
+      log.info("%s (%s): %s %.4f", name, when, self.items[name].metric,
+               self.items[name].headline(result))
+
+  def at_start(self, params) -> None:
+    """The evaluators with at_start, on the starting model (once: a resumed run keeps its file)."""
+    for name, e in self.items.items():
+      if e.spec.at_start and not self._path(name, "before").exists():
+        self._write(name, "before", params)
+
+  def key(self, name: str) -> str | None:
+    """The name of an evaluator's headline in metrics and summaries: <name>_<metric>."""
+    return f"{name}_{self.items[name].metric}" if name in self.items else None
+
+  def _due(self, done: int, total: int) -> list[str]:
+    return [n for n, e in self.items.items()
+            if e.spec.every and (done % e.spec.every == 0 or done == total)]
+
+  def due(self, done: int, total: int) -> bool:
+    """Whether an evaluator runs after `done` of `total` steps."""
+    return bool(self._due(done, total))
+
+  def every(self, done: int, total: int, params) -> dict[str, float]:
+    """{<name>_<metric>: value} of the evaluators due after `done` of `total` steps."""
+    out = {}
+    for name in self._due(done, total):
+      e = self.items[name]
+      out[self.key(name)] = e.headline(e(params))
+      log.info("step %d: %s %s %.4f", done, name, e.metric, out[self.key(name)])
+    return out
+
+  def at_end(self, params) -> None:
+    for name, e in self.items.items():
+      if e.spec.at_end:
+        self._write(name, "after", params)
+
+  def written(self) -> bool:
+    """Whether every at_end file exists (a finished run need not evaluate again)."""
+    return all(self._path(n, "after").exists() for n, e in self.items.items() if e.spec.at_end
+               and not (isinstance(e, MLMHeldout) and not e.tasks))
+
+  def summary(self) -> dict[str, float]:
+    """{<name>_<metric>[_before]: value} from the files written so far."""
+    out = {}
+    for name, e in self.items.items():
+      for when, suffix in (("after", ""), ("before", "_before")):
+        path = self._path(name, when)
+        if path.exists():
+          out[self.key(name) + suffix] = e.headline(json.loads(path.read_text()))
+    return out
+
+
+def evaluator_problems(config) -> list[str]:
+  """Evaluator specs that cannot run (checked before any compute)."""
+  problems = []
+  for name in sorted(config.evals.keys()):
+    spec = config.evals[name]
+    if not isinstance(spec, ml_collections.ConfigDict) or spec.get("type") not in EVALUATORS:
+      problems.append(f"evals.{name} must be evaluate.evaluator(type, ...) with type one of "
+                      f"{', '.join(EVALUATORS)}")
+      continue
+    if spec.every < 0:
+      problems.append(f"evals.{name}.every={spec.every} must be >= 0 (0: never during training)")
+    if spec.type == "retrieval":
+      bad = [p for p in spec.precisions if p not in PRECISIONS]
+      if bad:
+        problems.append(f"evals.{name}.precisions {bad}: choose from {', '.join(PRECISIONS)}")
+  if config.export == "best" and not ("dev" in config.evals and config.evals.dev.get("every", 0)):
+    problems.append("export='best' needs evals.dev.every > 0 (and a dev split)")
+  return problems

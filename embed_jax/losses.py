@@ -1,22 +1,31 @@
-"""Pure loss functions over embeddings: jit- and grad-friendly, cosine similarity throughout.
+"""Pure loss functions over representations: jit- and grad-friendly.
 
     loss = mnrl(q_BxD, p_BxD, neg_BxNxD, scale=20.0, valid_B=valid_B, p_ids_B=p_ids_B)
 
-Every loss takes raw embeddings (it L2-normalises them itself) and returns a float32 scalar,
-the mean over valid rows (CoSENT: one term over the pairs of valid rows). `valid_B` marks the real
-rows of a batch: a final partial batch is padded to the static batch shape and masked, and a
-padded row contributes nothing (no loss, no candidate, no gradient), so a padded batch gives the
-same value and gradients as the unpadded one. Each loss matches its sentence-transformers
+A loss reads the raw outputs of the model for its text groups and scores them with `score`, the
+representation's similarity (`Score`: an all-pairs matrix and its aligned diagonal). The default
+is cosine over dense vectors (each vector L2-normalised inside the score), so every loss here takes
+raw embeddings; a new kind of embedding (token vectors and MaxSim, vocabulary weights and a sparse
+dot product) passes its own `Score` and reuses the losses unchanged. Every loss returns a float32
+scalar, the mean over valid rows (CoSENT: one term over the pairs of valid rows). `valid_B` marks
+the real rows of a batch: a final partial batch is padded to the static batch shape and masked,
+and a padded row contributes nothing (no loss, no candidate, no gradient), so a padded batch gives
+the same value and gradients as the unpadded one. Each loss matches its sentence-transformers
 counterpart (MultipleNegatives[Symmetric]RankingLoss, TripletLoss, CoSENTLoss) on the same
 embeddings; tests/test_losses.py checks it.
+
+Combinators: `matryoshka(loss, dims, weights)` (the loss on each prefix of one forward pass) and
+`weighted_sum` (the objective's terms, embed_jax.objective).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from embed_jax.models.pooling import l2_normalize as unit
 
 Array = jax.Array
 
@@ -25,24 +34,63 @@ Array = jax.Array
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def unit(x_NxD: Array) -> Array:
-  """x / max(|x|, 1e-12) in float32, as torch's F.normalize; the gradient at x = 0 is finite
-  (if large, 1/eps, as torch's)."""
-  x_NxD = jnp.asarray(x_NxD, jnp.float32)
-  # rsqrt of the clamped squared norm: differentiating |x| itself at a zero row gives NaN.
-  sq_Nx1 = jnp.sum(x_NxD * x_NxD, axis=-1, keepdims=True)
-  return x_NxD * jax.lax.rsqrt(jnp.maximum(sq_Nx1, 1e-24))
+# ----------------------------------------------------------------------------------------------
+# Scores: how two outputs of a representation compare.
+# ----------------------------------------------------------------------------------------------
+
+
+def dot_matrix(q_BxD: Array, d_CxD: Array) -> Array:
+  """[B, C] dot products of every query row with every document row."""
+  return jnp.matmul(q_BxD, d_CxD.T, precision=_HIGHEST)
+
+
+def dot_pairs(a_BxD: Array, b_BxD: Array) -> Array:
+  """[B] dot product of each row of a with the same row of b."""
+  return jnp.sum(a_BxD * b_BxD, axis=-1)
+
+
+def cosine_matrix(q_BxD: Array, d_CxD: Array | None) -> Array:
+  """[B, C] cosine similarities of every query row with every document row; d None: the rows
+  of q with each other (a Gram matrix, q normalised once)."""
+  q_BxD = unit(q_BxD)
+  return dot_matrix(q_BxD, q_BxD if d_CxD is None else unit(d_CxD))
+
+
+def cosine_pairs(a_BxD: Array, b_BxD: Array) -> Array:
+  """[B] cosine similarity of each row of a with the same row of b."""
+  return dot_pairs(unit(a_BxD), unit(b_BxD))
+
+
+class Score(NamedTuple):
+  """A representation's similarity, in two stages: `prepare(x)` once per output (cosine:
+  L2-normalise), then `matrix(q [B, ...], d [C, ...]) -> [B, C]` scores every pair of prepared
+  outputs and `pairs(a [B, ...], b [B, ...]) -> [B]` row i of a with row i of b (the diagonal,
+  computed directly). Outputs are pytrees whose leaves have the rows on axis 0."""
+  prepare: Callable
+  matrix: Callable
+  pairs: Callable
+
+
+COSINE = Score(unit, dot_matrix, dot_pairs)
 
 
 def _rows_valid(valid_B: Array | None, batch: int) -> Array:
   return jnp.ones((batch,), bool) if valid_B is None else jnp.asarray(valid_B, bool)
 
 
-def _zero_invalid(x_Bx: Array, ok_B: Array) -> Array:
+def _zero_invalid(x_Bx, ok_B: Array):
   """Replaces masked rows by zeros before any arithmetic, so that garbage (even inf or NaN) in a
-  padded row cannot leak into the loss or its gradients through 0 * nan."""
-  ok = ok_B.reshape(ok_B.shape + (1,) * (x_Bx.ndim - ok_B.ndim))
-  return jnp.where(ok, x_Bx, 0.0)
+  padded row cannot leak into the loss or its gradients through 0 * nan. `x` is an array or a
+  pytree of arrays whose leading axes are those of ok_B."""
+  def zero(x):
+    ok = ok_B.reshape(ok_B.shape + (1,) * (x.ndim - ok_B.ndim))
+    return jnp.where(ok, x, jnp.zeros_like(x))
+  return jax.tree.map(zero, x_Bx)
+
+
+def _rows(fn, *trees):
+  """fn applied leaf by leaf: the row operations (reshape, concatenate) of any representation."""
+  return jax.tree.map(fn, *trees)
 
 
 def _mean_over(loss_B: Array, valid_B: Array) -> Array:
@@ -61,31 +109,34 @@ def _same_id(ids_B: Array, ids_C: Array) -> Array:
   return (ids_B[:, None] == ids_C[None, :]) & (ids_B[:, None] >= 0)
 
 
-def _forward_logits(q_BxD, p_BxD, neg_BxNxD, scale, valid_B, p_ids_B, neg_ids_BxN, q_ids_B):
+def _forward_logits(q_BxD, p_BxD, neg_BxNxD, scale, valid_B, p_ids_B, neg_ids_BxN, q_ids_B,
+                    score: Score):
   """Query-to-document logits over candidates [positives (B), hard negatives (B*N, row-major)],
-  which candidates each query may see, and the unit embeddings. The target of row i is column i."""
-  batch = q_BxD.shape[0]
+  which candidates each query may see, and the prepared inputs. The target of row i is column i."""
+  batch = jax.tree.leaves(q_BxD)[0].shape[0]
   valid_B = _rows_valid(valid_B, batch)
-  q_BxD = unit(_zero_invalid(q_BxD, valid_B))
-  p_BxD = unit(_zero_invalid(p_BxD, valid_B))
+  q_BxD = score.prepare(_zero_invalid(q_BxD, valid_B))
+  p_BxD = score.prepare(_zero_invalid(p_BxD, valid_B))
   docs_CxD, doc_ok_C = p_BxD, valid_B
   doc_ids_C = None if p_ids_B is None else jnp.asarray(p_ids_B, jnp.int32)
   if neg_BxNxD is not None:
-    num_neg = neg_BxNxD.shape[1]
+    num_neg = jax.tree.leaves(neg_BxNxD)[0].shape[1]
     neg_ok_BxN = jnp.broadcast_to(valid_B[:, None], (batch, num_neg))
     if neg_ids_BxN is not None:
       neg_ids_BxN = jnp.asarray(neg_ids_BxN, jnp.int32)
       neg_ok_BxN = neg_ok_BxN & (neg_ids_BxN >= 0)  # -1: a padding negative
-    neg_BxNxD = unit(_zero_invalid(neg_BxNxD, neg_ok_BxN))
-    docs_CxD = jnp.concatenate([p_BxD, neg_BxNxD.reshape(batch * num_neg, -1)])
+    neg_BxNxD = score.prepare(_zero_invalid(neg_BxNxD, neg_ok_BxN))
+    docs_CxD = _rows(lambda p, n: jnp.concatenate([p, n.reshape(batch * num_neg, *n.shape[2:])]),
+                     p_BxD, neg_BxNxD)
     doc_ok_C = jnp.concatenate([valid_B, neg_ok_BxN.reshape(-1)])
     if doc_ids_C is not None:
       # Negatives without ids (-1) are never taken for a duplicate of the positive.
       neg_ids_C = (jnp.full((batch * num_neg,), -1, jnp.int32) if neg_ids_BxN is None
                    else neg_ids_BxN.reshape(-1))
       doc_ids_C = jnp.concatenate([doc_ids_C, neg_ids_C])
-  logits_BxC = scale * jnp.matmul(q_BxD, docs_CxD.T, precision=_HIGHEST)
-  target_BxC = jnp.arange(docs_CxD.shape[0])[None, :] == jnp.arange(batch)[:, None]
+  logits_BxC = scale * score.matrix(q_BxD, docs_CxD)
+  num_docs = doc_ok_C.shape[0]
+  target_BxC = jnp.arange(num_docs)[None, :] == jnp.arange(batch)[:, None]
   allowed_BxC = doc_ok_C[None, :]
   if doc_ids_C is not None:
     # The same document elsewhere in the batch (a repeated positive, or a hard negative that is
@@ -95,15 +146,16 @@ def _forward_logits(q_BxD, p_BxD, neg_BxNxD, scale, valid_B, p_ids_B, neg_ids_Bx
     # Another row of the same query (a query with several positives) holds one of its positives.
     q_ids_B = jnp.asarray(q_ids_B, jnp.int32)
     same_q_BxB = _same_id(q_ids_B, q_ids_B)
-    pad_BxM = jnp.zeros((batch, docs_CxD.shape[0] - batch), bool)  # its hard negatives stay
+    pad_BxM = jnp.zeros((batch, num_docs - batch), bool)  # its hard negatives stay
     allowed_BxC = allowed_BxC & ~jnp.concatenate([same_q_BxB, pad_BxM], axis=1)
   return logits_BxC, allowed_BxC | target_BxC, valid_B, q_BxD, p_BxD
 
 
 def mnrl(q_BxD: Array, p_BxD: Array, neg_BxNxD: Array | None = None, *, scale: float = 20.0,
          symmetric: bool = False, valid_B: Array | None = None, p_ids_B: Array | None = None,
-         neg_ids_BxN: Array | None = None, q_ids_B: Array | None = None) -> Array:
-  """Multiple-negatives ranking loss (InfoNCE with in-batch negatives), cosine logits x scale.
+         neg_ids_BxN: Array | None = None, q_ids_B: Array | None = None,
+         score: Score = COSINE) -> Array:
+  """Multiple-negatives ranking loss (InfoNCE with in-batch negatives), logits = score x scale.
 
   Query i ranks every positive in the batch and every hard negative of every row; its target is
   positive i. As sentence-transformers' MultipleNegativesRankingLoss, or with symmetric=True its
@@ -117,13 +169,14 @@ def mnrl(q_BxD: Array, p_BxD: Array, neg_BxNxD: Array | None = None, *, scale: f
   q_ids_B: int32 query ids (-1: no id). Rows of the same query (one query, several positives)
     do not rank each other's positives (or, backward, each other's queries) as negatives; their
     hard negatives stay candidates.
+  score: the representation's similarity (cosine over dense vectors by default).
   """
   logits_BxC, allowed_BxC, valid_B, q_BxD, p_BxD = _forward_logits(
-      q_BxD, p_BxD, neg_BxNxD, scale, valid_B, p_ids_B, neg_ids_BxN, q_ids_B)
-  rows_B = jnp.arange(q_BxD.shape[0])
+      q_BxD, p_BxD, neg_BxNxD, scale, valid_B, p_ids_B, neg_ids_BxN, q_ids_B, score)
+  rows_B = jnp.arange(valid_B.shape[0])
   loss_B = _masked_logsumexp(logits_BxC, allowed_BxC) - logits_BxC[rows_B, rows_B]
   if symmetric:
-    logits_BxB = scale * jnp.matmul(p_BxD, q_BxD.T, precision=_HIGHEST)  # positive i -> queries
+    logits_BxB = scale * score.matrix(p_BxD, q_BxD)  # positive i -> queries
     allowed_BxB = valid_B[None, :]
     # A query whose positive is this same document, or that is this row's query, matches it too.
     for ids_B in (p_ids_B, q_ids_B):
@@ -138,53 +191,53 @@ def mnrl(q_BxD: Array, p_BxD: Array, neg_BxNxD: Array | None = None, *, scale: f
 
 def retrieval_accuracy(q_BxD: Array, p_BxD: Array, neg_BxNxD: Array | None = None, *,
                        valid_B: Array | None = None, p_ids_B: Array | None = None,
-                       neg_ids_BxN: Array | None = None, q_ids_B: Array | None = None) -> Array:
+                       neg_ids_BxN: Array | None = None, q_ids_B: Array | None = None,
+                       score: Score = COSINE) -> Array:
   """In-batch top-1 accuracy: the fraction of valid queries whose best candidate (same candidates
   and masks as `mnrl`) is their own positive. Ties go to the lower column (positives first)."""
   logits_BxC, allowed_BxC, valid_B, _, _ = _forward_logits(
-      q_BxD, p_BxD, neg_BxNxD, 1.0, valid_B, p_ids_B, neg_ids_BxN, q_ids_B)
+      q_BxD, p_BxD, neg_BxNxD, 1.0, valid_B, p_ids_B, neg_ids_BxN, q_ids_B, score)
   best_B = jnp.argmax(jnp.where(allowed_BxC, logits_BxC, -jnp.inf), axis=1)
-  return _mean_over((best_B == jnp.arange(q_BxD.shape[0])).astype(jnp.float32), valid_B)
-
-
-def _pair_distance(x_BxD: Array, y_BxD: Array, distance: str) -> Array:
-  if distance == "cosine":
-    return 1.0 - jnp.sum(x_BxD * y_BxD, axis=-1)
-  if distance == "euclidean":
-    sq_B = jnp.sum(jnp.square(x_BxD - y_BxD), axis=-1)
-    # sqrt has an infinite slope at 0 (an anchor equal to its positive): take 0 there instead.
-    positive_B = sq_B > 0
-    return jnp.where(positive_B, jnp.sqrt(jnp.where(positive_B, sq_B, 1.0)), 0.0)
-  raise ValueError(f"distance={distance!r}; expected 'cosine' or 'euclidean'")
+  return _mean_over((best_B == jnp.arange(valid_B.shape[0])).astype(jnp.float32), valid_B)
 
 
 def triplet(a_BxD: Array, p_BxD: Array, n_BxD: Array, *, margin: float = 0.5,
-            distance: str = "cosine", valid_B: Array | None = None) -> Array:
+            distance: str = "cosine", valid_B: Array | None = None,
+            score: Score = COSINE) -> Array:
   """relu(d(a, p) - d(a, n) + margin), as sentence-transformers' TripletLoss.
 
-  distance: "cosine" (1 - cos) or "euclidean"; both on unit vectors (so euclidean is
-  sqrt(2 - 2 cos), in [0, 2]), unlike sentence-transformers, whose euclidean distance sees the
-  model's output as it is (unit vectors only for models ending in Normalize).
+  distance: "cosine", 1 - score (1 - cos for dense vectors), or "euclidean" (dense vectors
+  only): the distance of the prepared (unit) vectors, sqrt(2 - 2 cos) in [0, 2], unlike
+  sentence-transformers, whose euclidean distance sees the model's output as it is (unit vectors
+  only for models ending in Normalize).
   """
-  valid_B = _rows_valid(valid_B, a_BxD.shape[0])
-  a_BxD, p_BxD, n_BxD = (unit(_zero_invalid(x, valid_B)) for x in (a_BxD, p_BxD, n_BxD))
-  loss_B = jax.nn.relu(_pair_distance(a_BxD, p_BxD, distance)
-                       - _pair_distance(a_BxD, n_BxD, distance) + margin)
+  valid_B = _rows_valid(valid_B, jax.tree.leaves(a_BxD)[0].shape[0])
+  a_BxD, p_BxD, n_BxD = (score.prepare(_zero_invalid(x, valid_B)) for x in (a_BxD, p_BxD, n_BxD))
+  if distance == "cosine":
+    dist = lambda x, y: 1.0 - score.pairs(x, y)  # noqa: E731
+  elif distance == "euclidean":
+    def dist(x, y):
+      sq_B = jnp.sum(jnp.square(x - y), axis=-1)
+      # sqrt has an infinite slope at 0 (an anchor equal to its positive): take 0 there instead.
+      positive_B = sq_B > 0
+      return jnp.where(positive_B, jnp.sqrt(jnp.where(positive_B, sq_B, 1.0)), 0.0)
+  else:
+    raise ValueError(f"distance={distance!r}; expected 'cosine' or 'euclidean'")
+  loss_B = jax.nn.relu(dist(a_BxD, p_BxD) - dist(a_BxD, n_BxD) + margin)
   return _mean_over(loss_B, valid_B)
 
 
 def cosent(e1_BxD: Array, e2_BxD: Array, labels_B: Array, *, scale: float = 20.0,
-           valid_B: Array | None = None) -> Array:
-  """CoSENT, as sentence-transformers' CoSENTLoss: with s = scale * cos(e1, e2) per pair,
+           valid_B: Array | None = None, score: Score = COSINE) -> Array:
+  """CoSENT, as sentence-transformers' CoSENTLoss: with s = scale * score(e1, e2) per pair,
   log(1 + sum over (i, j) with label_i > label_j of exp(s_j - s_i)).
 
   One term over all pairs of valid rows (not a mean over rows): a batch with no ordered pair
   (all labels equal) gives log(1) = 0.
   """
-  valid_B = _rows_valid(valid_B, e1_BxD.shape[0])
-  e1_BxD = unit(_zero_invalid(e1_BxD, valid_B))
-  e2_BxD = unit(_zero_invalid(e2_BxD, valid_B))
-  s_B = scale * jnp.sum(e1_BxD * e2_BxD, axis=-1)
+  valid_B = _rows_valid(valid_B, jax.tree.leaves(e1_BxD)[0].shape[0])
+  s_B = scale * score.pairs(score.prepare(_zero_invalid(e1_BxD, valid_B)),
+                            score.prepare(_zero_invalid(e2_BxD, valid_B)))
   labels_B = jnp.asarray(labels_B, jnp.float32)
   diff_BxB = s_B[None, :] - s_B[:, None]  # [i, j] = s_j - s_i
   ordered_BxB = (labels_B[:, None] > labels_B[None, :]) & valid_B[:, None] & valid_B[None, :]
@@ -215,31 +268,34 @@ def check_matryoshka_dims(dims, model_dim: int, weights=()) -> tuple[int, ...]:
   return dims
 
 
-def matryoshka_terms(loss: Callable, dims, *embs, **kwargs) -> list[Array]:
-  """[loss(*prefixes of embs at d), for d in dims]: positional arguments are embeddings (None
-  stays None) and are cut to their first d dims; keyword arguments pass through. Every loss here
-  L2-normalises its inputs, so each prefix is re-normalised as a truncated embedding would be."""
-  full = next(e.shape[-1] for e in embs if e is not None)
-  check_matryoshka_dims(dims, full)
-  return [loss(*(None if e is None else e[..., :d] for e in embs), **kwargs) for d in dims]
+def truncate(x_BxD: Array, d: int) -> Array:
+  """A dense vector's Matryoshka prefix: its first d dims (scores re-normalise it)."""
+  return x_BxD[..., :d]
 
 
-def matryoshka(loss: Callable, dims, weights=()) -> Callable:
-  """Wraps an embedding loss: sum over d in dims of weight_d * loss(embeddings[..., :d]), from
-  one forward pass (as sentence-transformers' MatryoshkaLoss; weights default to 1)."""
-  weights = tuple(weights) or (1.0,) * len(tuple(dims))
+def matryoshka(loss: Callable, dims, weights=(), *, prefix: Callable = truncate) -> Callable:
+  """Wraps a loss: wrapped(*embs, **kwargs) -> (sum over d in dims of weight_d * loss at d,
+  {d: loss at d}), from one forward pass (as sentence-transformers' MatryoshkaLoss, whose weights
+  default to 1; the per-dim values are for logging). Positional arguments are the outputs the
+  loss reads, each cut by `prefix(x, d)` (None stays None); keyword arguments pass through. The
+  losses here score with cosine, so each prefix is re-normalised as a truncated embedding is."""
+  dims = tuple(dims)
+  weights = tuple(weights) or (1.0,) * len(dims)
   check_matryoshka_dims(dims, max(dims), weights)
 
   def wrapped(*embs, **kwargs):
-    terms = matryoshka_terms(loss, dims, *embs, **kwargs)
-    return sum(w * t for w, t in zip(weights, terms))
+    full = next(jax.tree.leaves(e)[0].shape[-1] for e in embs if e is not None)
+    check_matryoshka_dims(dims, full)
+    values = [loss(*(None if e is None else prefix(e, d) for e in embs), **kwargs) for d in dims]
+    return weighted_sum(zip(weights, values)), dict(zip(dims, values))
 
   return wrapped
 
 
-def _cosine_matrix(x_BxD: Array) -> Array:
-  x_BxD = unit(x_BxD)
-  return jnp.matmul(x_BxD, x_BxD.T, precision=_HIGHEST)
+def weighted_sum(parts) -> Array:
+  """sum of weight * value over (weight, value) pairs, in order: Matryoshka prefixes, and the
+  objective's terms (embed_jax.objective)."""
+  return sum(w * value for w, value in parts)
 
 
 def prefix_self_distillation(e_BxD: Array, dims, *, target_BxD: Array | None = None,
@@ -261,7 +317,7 @@ def prefix_self_distillation(e_BxD: Array, dims, *, target_BxD: Array | None = N
   e_BxD = _zero_invalid(e_BxD, valid_B)
   target_BxD = jax.lax.stop_gradient(e_BxD if target_BxD is None else
                                      _zero_invalid(jnp.asarray(target_BxD, jnp.float32), valid_B))
-  target_BxB = _cosine_matrix(target_BxD)
+  target_BxB = cosine_matrix(target_BxD, None)
   pair_ok_BxB = valid_B[:, None] & valid_B[None, :] & ~jnp.eye(batch, dtype=bool)
   # Each row's k nearest valid neighbours under the target (k is capped by the batch).
   k = min(k, batch - 1)
@@ -270,7 +326,7 @@ def prefix_self_distillation(e_BxD: Array, dims, *, target_BxD: Array | None = N
   near_BxB = pair_ok_BxB & (ranked_BxB >= kth_Bx1)
   total = jnp.zeros((), jnp.float32)
   for d in check_matryoshka_dims(dims, e_BxD.shape[-1]):
-    gap_BxB = jnp.abs(_cosine_matrix(e_BxD[:, :d]) - target_BxB)
+    gap_BxB = jnp.abs(cosine_matrix(e_BxD[:, :d], None) - target_BxB)
     for weight, ok_BxB in ((pairwise, pair_ok_BxB), (topk, near_BxB)):
       if weight:
         total += weight * jnp.sum(jnp.where(ok_BxB, gap_BxB, 0.0)) / jnp.maximum(jnp.sum(ok_BxB), 1)
@@ -308,21 +364,23 @@ def embedding_distillation(student_BxD: Array, teacher_BxD: Array, *, kind: str 
 def score_distillation(q_BxD: Array, d_CxD: Array, *, teacher_q_BxT: Array, teacher_d_CxT: Array,
                        temperature: float = 0.05, teacher_temperature: float = 0.05,
                        valid_B: Array | None = None, valid_C: Array | None = None,
-                       exclude_self: bool = False) -> Array:
+                       exclude_self: bool = False, score: Score = COSINE) -> Array:
   """KL(teacher || student) between the in-batch similarity distributions: for each query row,
-  softmax over the candidates of cos / temperature, the teacher's from its stored vectors.
+  softmax over the candidates of score / temperature, the teacher's the cosine of its stored
+  vectors.
 
   Student and teacher may have different dims (only similarities are compared), so it also
   distils into Matryoshka prefixes of the student (the teacher's vectors are never cut).
   exclude_self: queries and candidates are the same texts (unlabelled batches); a text is not
   its own candidate.
   """
-  valid_B = _rows_valid(valid_B, q_BxD.shape[0])
-  valid_C = _rows_valid(valid_C, d_CxD.shape[0])
-  s = lambda a, b: jnp.matmul(unit(a), unit(b).T, precision=_HIGHEST)  # noqa: E731
-  student_BxC = s(_zero_invalid(q_BxD, valid_B), _zero_invalid(d_CxD, valid_C)) / temperature
-  teacher_BxC = s(_zero_invalid(jnp.asarray(teacher_q_BxT, jnp.float32), valid_B),
-                  _zero_invalid(jnp.asarray(teacher_d_CxT, jnp.float32), valid_C)) / teacher_temperature
+  valid_B = _rows_valid(valid_B, jax.tree.leaves(q_BxD)[0].shape[0])
+  valid_C = _rows_valid(valid_C, jax.tree.leaves(d_CxD)[0].shape[0])
+  student_BxC = score.matrix(score.prepare(_zero_invalid(q_BxD, valid_B)),
+                             score.prepare(_zero_invalid(d_CxD, valid_C))) / temperature
+  teacher_BxC = cosine_matrix(
+      _zero_invalid(jnp.asarray(teacher_q_BxT, jnp.float32), valid_B),
+      _zero_invalid(jnp.asarray(teacher_d_CxT, jnp.float32), valid_C)) / teacher_temperature
   ok_BxC = jnp.broadcast_to(valid_C[None, :], student_BxC.shape)
   if exclude_self:
     ok_BxC = ok_BxC & ~jnp.eye(*student_BxC.shape, dtype=bool)
@@ -333,13 +391,15 @@ def score_distillation(q_BxD: Array, d_CxD: Array, *, teacher_q_BxT: Array, teac
 
 
 def margin_mse(q_BxD: Array, p_BxD: Array, n_BxD: Array, *, teacher_q_BxT: Array,
-               teacher_p_BxT: Array, teacher_n_BxT: Array, valid_B: Array | None = None) -> Array:
+               teacher_p_BxT: Array, teacher_n_BxT: Array, valid_B: Array | None = None,
+               score: Score = COSINE) -> Array:
   """Margin-MSE (Hofstätter et al., 2020): (s(q, p) - s(q, n) - [t(q, p) - t(q, n)])^2, mean over
-  valid rows, with cosine similarities (the teacher's from its stored vectors)."""
-  valid_B = _rows_valid(valid_B, q_BxD.shape[0])
-  cos = lambda a, b: jnp.sum(unit(_zero_invalid(a, valid_B)) * unit(_zero_invalid(b, valid_B)), -1)  # noqa: E731
-  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-  student_B = cos(q_BxD, p_BxD) - cos(q_BxD, n_BxD)
-  teacher_B = (cos(f32(teacher_q_BxT), f32(teacher_p_BxT))
-               - cos(f32(teacher_q_BxT), f32(teacher_n_BxT)))
+  valid rows; the teacher's scores are the cosines of its stored vectors."""
+  valid_B = _rows_valid(valid_B, jax.tree.leaves(q_BxD)[0].shape[0])
+  ok = lambda x: _zero_invalid(x, valid_B)  # noqa: E731
+  f32 = lambda x: ok(jnp.asarray(x, jnp.float32))  # noqa: E731
+  s = lambda a, b: score.pairs(score.prepare(ok(a)), score.prepare(ok(b)))  # noqa: E731
+  student_B = s(q_BxD, p_BxD) - s(q_BxD, n_BxD)
+  teacher_B = (cosine_pairs(f32(teacher_q_BxT), f32(teacher_p_BxT))
+               - cosine_pairs(f32(teacher_q_BxT), f32(teacher_n_BxT)))
   return _mean_over(jnp.square(student_B - teacher_B), valid_B)

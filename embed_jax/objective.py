@@ -1,14 +1,29 @@
-"""The training objective a config asks for: which text groups a batch holds, how the step embeds
-them (`embed_groups`), and the weighted sum of loss terms over the embeddings (`make_loss`).
+"""The training objective: a list of weighted terms over the outputs of named text groups, built
+once from the config.
 
-A batch is a dict of numpy arrays. Text group `g` is `g_ids_<shape>` and `g_mask_<shape>` (and
-`g_words_<shape>` for whole-word masking): q (queries), p (positives), n (hard negatives), u
-(unlabelled texts), `<task>.<g>` (extra tasks, embed_jax.tasks). Everything else is a loss input
-(ids for duplicate masking, validity masks, labels, teacher vectors).
+A batch has explicit structure:
+
+    {"groups": {"q": {"ids": ids_BxLq, "mask": mask_BxLq}, "p": ..., "n": {"ids": ids_BxNxLd, ...},
+                "u": ..., "stsb.a": ..., "mlm.x": {"ids", "mask", "words"}},
+     "inputs": {"pairs": {"valid_B", "q_ids_B", "p_ids_B", "neg_ids_BxN", "q_teacher_BxT", ...},
+                "u": {"valid_B", "teacher_BxT", "target_BxD"}, "stsb": {"valid_B", "labels_B"}}}
+
+Groups are the texts the step encodes: q (queries), p (positives), n (hard negatives), u
+(unlabelled texts) and each extra task's `<task>.<g>` (embed_jax.tasks). Inputs are what the
+losses read beside the outputs, per data source: validity masks, text ids for duplicate masking,
+labels, teacher vectors.
+
+`Objective.embed` puts each group through its head (the representation, or an MLM task's head)
+and adds the views (the distillation projection); `Objective.loss` sums the terms whose groups
+are in the batch (with one task per step, the others are absent), logging each term's value and
+each Matryoshka prefix's. A term names its weight, its groups, the source of its inputs, its loss
+and optional Matryoshka dims; `main_terms` is the list for the labelled pairs and unlabelled
+texts, and each task adds its own (embed_jax.tasks). A new term is one entry in such a list.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -17,172 +32,207 @@ import jax
 import jax.numpy as jnp
 
 from embed_jax import losses
-from embed_jax.models import SentenceEncoder
-from embed_jax.models.mlm import mlm_rows
-from embed_jax.tasks import task_terms
-
-
-DISTILL_PROJECTION = "distill_projection"  # a training-only params key (never exported)
-
+from embed_jax.models.heads import DISTILL_PROJECTION
 
 UNLABELLED_TEXTS = ("corpus", "queries", "train_queries", "corpus+queries", "corpus+train_queries")
+PAIR_LOSSES = ("mnrl", "triplet")
+RESERVED_SOURCES = ("pairs", "u")  # inputs of the labelled pairs and the unlabelled texts
 
 
 def uses_pairs(config) -> bool:
-  """Whether the run reads labelled (query, positive) pairs."""
-  return config.loss.weight > 0 or config.distill.pair_scores > 0 or config.distill.margin_mse > 0
+  """Whether the run reads labelled (query, positive) pairs: a term on inputs "pairs"."""
+  return any(t.source == "pairs" and t.weight > 0 for t in main_terms(config))
 
 
 def uses_unlabelled(config) -> bool:
-  """Whether the run reads batches of unlabelled texts (text group u)."""
-  return (config.matryoshka.self_distill.weight > 0 or config.distill.embedding > 0
-          or config.distill.scores > 0)
+  """Whether the run reads batches of unlabelled texts (text group u): a term on inputs "u"."""
+  return any(t.source == "u" and t.weight > 0 for t in main_terms(config))
 
 
-def text_groups(batch) -> dict[str, tuple[str, ...]]:
-  """The batch's text groups: name -> (ids key, mask key[, words key]). A group `g` is the int32
-  arrays `g_ids_<shape>` and `g_mask_<shape>` [..., L] (and `g_words_<shape>`, word indices for
-  whole-word masking): q (queries), p (positives), n (hard negatives [B, N, L]), u (unlabelled
-  texts), `<task>.<g>` (extra tasks). Every other key is a loss input."""
-  out = {}
-  for key in batch:
-    name, sep, shape = key.partition("_ids_")
-    if sep:
-      words = f"{name}_words_{shape}"
-      out[name] = (key, f"{name}_mask_{shape}") + ((words,) if words in batch else ())
-  return dict(sorted(out.items()))
+# ----------------------------------------------------------------------------------------------
+# Terms.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """One weighted loss. `loss(*outputs, inputs=...) -> scalar` reads the outputs of `groups` in
+  order (then those of `optional`, None where the batch has none) and `inputs[source]`."""
+  name: str  # logged as <name>_loss
+  weight: float
+  groups: tuple[str, ...]
+  source: str
+  loss: Callable
+  optional: tuple[str, ...] = ()
+  dims: tuple[int, ...] = ()  # Matryoshka: the loss on each prefix (losses.matryoshka)
+  dim_weights: tuple[float, ...] = ()  # () = all 1
+  label: str = ""  # per-dim metrics are <label>@<d> ("" = name)
+  layer: int = 0  # 2D Matryoshka: the output after which embedded layer (0: the last)
+  metrics: Callable | None = None  # (*outputs, inputs=...) -> {name: value}, logged <name>_<key>
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  """A group's output through a training-only linear map in params[param] (not exported)."""
+  group: str
+  param: str
+
+  def __call__(self, params, out):
+    return jnp.matmul(out, params[self.param]["kernel"])
+
+
+def ranking_loss(name: str, *, scale: float = 20.0, symmetric: bool = False, margin: float = 0.5,
+                 score: losses.Score = losses.COSINE) -> Callable:
+  """loss(q, p, n=None, *, inputs) over (query, positive[, hard negatives [B, N]]) rows: `mnrl`
+  (in-batch and hard negatives) or `triplet` (the first hard negative). Inputs: valid_B and the
+  text ids that mask duplicates (q_ids_B, p_ids_B, neg_ids_BxN; any may be absent)."""
+  if name == "mnrl":
+    return lambda q, p, n=None, *, inputs: losses.mnrl(
+        q, p, n, scale=scale, symmetric=symmetric, valid_B=inputs["valid_B"],
+        p_ids_B=inputs.get("p_ids_B"), neg_ids_BxN=inputs.get("neg_ids_BxN"),
+        q_ids_B=inputs.get("q_ids_B"), score=score)
+  if name == "triplet":
+    return lambda q, p, n, *, inputs: losses.triplet(q, p, n[:, 0], margin=margin,
+                                                     valid_B=inputs["valid_B"], score=score)
+  raise ValueError(f"unknown ranking loss {name!r}; choose from {', '.join(PAIR_LOSSES)}")
+
+
+def main_terms(config, rep=None, *, distill_projection: bool = False) -> list[Term]:
+  """The config's terms over the labelled pairs (q, p, n; inputs "pairs") and the unlabelled
+  texts (u; inputs "u"), in the order they are summed (weight 0: off). `rep` is the
+  representation whose score the losses use (default: the config's). A new term is one more
+  entry here (and its weight's default in configs/base.py).
+    pairs              loss.name (mnrl | triplet) at each Matryoshka prefix
+    pairs/layer<l>     the same after layer l (2D Matryoshka), each weighted layer_weight / K
+    self_distill       prefix self-distillation on the unlabelled texts
+    distill_embedding  the student's embedding (through the projection) vs the teacher's
+    distill_scores     KL of in-batch score distributions over the unlabelled texts
+    distill_pair_scores  the same over queries x positives
+    distill_margin_mse Margin-MSE on (query, positive, first hard negative)
+  Score terms are Matryoshka-wrapped too: each student prefix against the full teacher."""
+  if rep is None:
+    from embed_jax import representations
+    rep = representations.get(config)
+  c, mrl, sd, d = config.loss, config.matryoshka, config.matryoshka.self_distill, config.distill
+  prefixes = dict(dims=tuple(mrl.dims), dim_weights=tuple(mrl.weights))
+  pairs = ranking_loss(c.name, scale=c.scale, symmetric=c.symmetric, margin=c.margin,
+                       score=rep.score)
+  pair_groups = dict(groups=("q", "p"), optional=("n",)) if c.name == "mnrl" else dict(
+      groups=("q", "p", "n"))
+  kl = dict(temperature=d.temperature, teacher_temperature=d.teacher_temperature, score=rep.score)
+  layers = tuple(mrl.layers)
+  terms = [
+      Term("pairs", c.weight, source="pairs", loss=pairs, label=c.name, **pair_groups, **prefixes),
+      *[Term(f"pairs/layer{layer}", mrl.layer_weight / len(layers), source="pairs", loss=pairs,
+             label=f"{c.name}/layer{layer}", layer=j, **pair_groups, **prefixes)
+        for j, layer in enumerate(layers, 1) if c.weight],
+      Term("self_distill", sd.weight, ("u",), "u", lambda u, *, inputs: (
+          losses.prefix_self_distillation(u, tuple(mrl.dims), target_BxD=inputs.get("target_BxD"),
+                                          pairwise=sd.pairwise, topk=sd.topk, k=sd.k,
+                                          valid_B=inputs["valid_B"]))),
+      Term("distill_embedding", d.embedding, ("u_proj" if distill_projection else "u",), "u",
+           lambda s, *, inputs: losses.embedding_distillation(
+               s, inputs["teacher_BxT"], kind=d.embedding_kind, valid_B=inputs["valid_B"])),
+      Term("distill_scores", d.scores, ("u", "u"), "u", lambda a, b, *, inputs: (
+          losses.score_distillation(a, b, teacher_q_BxT=inputs["teacher_BxT"],
+                                    teacher_d_CxT=inputs["teacher_BxT"], valid_B=inputs["valid_B"],
+                                    valid_C=inputs["valid_B"], exclude_self=True, **kl)),
+           **prefixes),
+      Term("distill_pair_scores", d.pair_scores, ("q", "p"), "pairs", lambda q, p, *, inputs: (
+          losses.score_distillation(q, p, teacher_q_BxT=inputs["q_teacher_BxT"],
+                                    teacher_d_CxT=inputs["p_teacher_BxT"],
+                                    valid_B=inputs["valid_B"], valid_C=inputs["valid_B"], **kl)),
+           **prefixes),
+      Term("distill_margin_mse", d.margin_mse, ("q", "p", "n"), "pairs", lambda q, p, n, *, inputs: (
+          losses.margin_mse(q, p, n[:, 0], teacher_q_BxT=inputs["q_teacher_BxT"],
+                            teacher_p_BxT=inputs["p_teacher_BxT"],
+                            teacher_n_BxT=inputs["n_teacher_BxNxT"][:, 0],
+                            valid_B=inputs["valid_B"], score=rep.score)), **prefixes),
+  ]
+  return terms
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective: embed the groups, sum the terms.
+# ----------------------------------------------------------------------------------------------
 
 
 _SALTS = {"q": 0, "p": 1, "n": 2}  # kept from the first release: results stay reproducible
 
 
-def _salt(name: str) -> int:
-  """A group's dropout stream is fold_in(rng, salt)."""
-  return _SALTS.get(name, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+def salt(group: str) -> int:
+  """A group's dropout stream is fold_in(rng, salt); an MLM group's masks fold in salt + 1."""
+  return _SALTS.get(group, zlib.crc32(group.encode()) & 0x7FFFFFFF)
 
 
-def embed_groups(module: SentenceEncoder, params, batch, rng, train: bool,
-                 layers: tuple[int, ...] = (), mlm: dict | None = None, mask_key=None,
-                 chunk_id=0) -> dict:
-  """Raw embeddings of every text group: [..., E], or [..., 1 + K, E] with earlier `layers`; with
-  a distillation projection in `params`, also u_proj, the unlabelled texts in the teacher's space."""
-  out = {}
-  projection = params.get(DISTILL_PROJECTION)
-  params = {k: v for k, v in params.items() if k != DISTILL_PROJECTION}
-  for name, keys in text_groups(batch).items():
-    ids, mask = batch[keys[0]], batch[keys[1]]
-    if mlm and name in mlm:  # masked LM: per-row [cross-entropy, masked, correct] sums
-      # Masks from the step's key and each row's global index (this call holds rows
-      # chunk_id * B .. + B), so every runner and chunking masks the same tokens.
-      key = jax.random.fold_in(rng if mask_key is None else mask_key, _salt(name) + 1)
-      out[name] = mlm_rows(module, params, ids, mask, key, mlm[name], deterministic=not train,
-                           dropout_rng=jax.random.fold_in(rng, _salt(name)),
-                           words_BxL=batch[keys[2]] if len(keys) > 2 else None,
-                           row_offset=chunk_id * ids.shape[0])
-      continue
-    kw = {"rngs": {"dropout": jax.random.fold_in(rng, _salt(name))}} if train else {}
-    flat = (ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1]))
-    if layers:
-      e = module.apply({"params": params}, *flat, layers, deterministic=not train,
-                       method=SentenceEncoder.embed_layers, **kw)
-    else:
-      e = module.apply({"params": params}, *flat, deterministic=not train, normalize=False, **kw)
-    out[name] = e.reshape(*ids.shape[:-1], *e.shape[1:])
-  if projection is not None and "u" in out:
-    out["u_proj"] = jnp.matmul(out["u"], projection["kernel"])
-  return out
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  representation: object  # the model's output kind (embed_jax.representations)
+  terms: tuple[Term, ...]
+  heads: dict = dataclasses.field(default_factory=dict)  # group -> another head (an MLM task's)
+  views: dict = dataclasses.field(default_factory=dict)  # name -> View of a group's output
+  equal_weights: bool = False  # proportional task sampling: the weights were the sampling shares
+
+  def head(self, group: str):
+    return self.heads.get(group, self.representation)
+
+  def embed(self, module, params, groups: dict, rng, train: bool, mask_key=None,
+            chunk_id=0) -> dict:
+    """{group or view: output} for the text groups of a batch (or of one gradient-caching
+    chunk: `chunk_id` numbers it among the global batch's chunks, so MLM masks are the same
+    however the batch is split). Dropout draws from fold_in(rng, salt(group))."""
+    view_params = {v.param for v in self.views.values()}
+    encoder_params = {k: v for k, v in params.items() if k not in view_params}
+    out = {}
+    for name in sorted(groups):
+      group = groups[name]
+      out[name] = self.head(name).embed(
+          module, encoder_params, group, train=train,
+          dropout_rng=jax.random.fold_in(rng, salt(name)),
+          mask_rng=jax.random.fold_in(rng if mask_key is None else mask_key, salt(name) + 1),
+          row_offset=chunk_id * group["ids"].shape[0])
+    for name, view in self.views.items():
+      if view.group in out and view.param in params:
+        out[name] = view(params, out[view.group])
+    return out
+
+  def loss(self, outputs: dict, inputs: dict) -> tuple[jax.Array, dict]:
+    """(the weighted sum of the terms whose groups are present, metrics): <term>_loss for each,
+    <label>@<d> for each Matryoshka prefix, and any term metrics."""
+    aux, parts = {}, []
+    for t in self.terms:
+      if any(g not in outputs for g in t.groups):
+        continue
+      head = lambda g: self.head(self.views[g].group if g in self.views else g)  # noqa: E731
+      args = [None if g not in outputs else head(g).at_layer(outputs[g], t.layer)
+              for g in t.groups + t.optional]
+      source = inputs[t.source]
+      loss = lambda *a, t=t, source=source: t.loss(*a, inputs=source)  # noqa: E731
+      if t.dims:
+        value, per_dim = losses.matryoshka(loss, t.dims, t.dim_weights,
+                                           prefix=self.representation.prefix)(*args)
+        aux.update({f"{t.label or t.name}@{d}": v for d, v in per_dim.items()})
+      else:
+        value = loss(*args)
+      if t.metrics is not None:
+        aux.update({f"{t.name}_{k}": v for k, v in t.metrics(*args, inputs=source).items()})
+      aux[f"{t.name}_loss"] = value
+      parts.append((1.0 if self.equal_weights else t.weight, value))
+    return losses.weighted_sum(parts), aux
 
 
-def _pair_loss_fn(config) -> Callable:
-  """loss(q, p, n, arrays) -> scalar: the configured pair loss, Matryoshka-wrapped if dims."""
-  cfg = config.loss
-
-  def base(q, p, n, *, arrays):
-    if cfg.name == "mnrl":
-      return losses.mnrl(q, p, n, scale=cfg.scale, symmetric=cfg.symmetric,
-                         valid_B=arrays["valid_B"], p_ids_B=arrays["pos_doc_B"],
-                         neg_ids_BxN=arrays.get("neg_doc_BxN"), q_ids_B=arrays["query_B"])
-    if cfg.name == "triplet":
-      return losses.triplet(q, p, n[:, 0], margin=cfg.margin, valid_B=arrays["valid_B"])
-    raise ValueError(f"unknown loss {cfg.name!r}")
-
-  return base
-
-
-def make_loss(config, tasks=()) -> Callable:
-  """loss(embs, arrays) -> (scalar, aux metrics), the weighted sum of the run's terms:
-    pairs          the labelled pairs loss (loss.name) at each Matryoshka prefix and extra layer
-    self_distill   prefix self-distillation on the unlabelled texts
-    distill_*      distillation from the teacher's stored vectors: embedding (unlabelled texts),
-                   scores (KL over the unlabelled batch), pair_scores (KL over queries x
-                   positives), margin_mse (query, positive, first hard negative)
-    <task>         each extra task's loss (embed_jax.tasks), weighted
-  Score terms are Matryoshka-wrapped too (each student prefix against the full teacher). Only the
-  terms whose texts are in the batch count: with one task per step, the others are absent."""
-  mrl, sd, dist = config.matryoshka, config.matryoshka.self_distill, config.distill
-  dims, weights = tuple(mrl.dims), tuple(mrl.weights) or (1.0,) * len(mrl.dims)
-  layers = tuple(mrl.layers)
-  base = _pair_loss_fn(config)
-
-  def prefixes(loss, name, aux, *embs, **kw):
-    """loss over each Matryoshka prefix (weighted sum, per-dim values in aux), or as it is."""
-    if not dims:
-      return loss(*embs, **kw)
-    terms = losses.matryoshka_terms(loss, dims, *embs, **kw)
-    for d, t in zip(dims, terms):
-      aux[f"{name}@{d}"] = t
-    return sum(w * t for w, t in zip(weights, terms))
-
-  def loss_fn(embs, arrays):
-    aux, parts = {}, {}
-    last = (lambda x: x if x is None or not layers else x[..., 0, :])  # noqa: E731
-    q, p, n, u = (last(embs.get(g)) for g in ("q", "p", "n", "u"))
-    if config.loss.weight > 0 and q is not None:
-      parts["pairs"] = (config.loss.weight,
-                        prefixes(base, config.loss.name, aux, q, p, n, arrays=arrays))
-      if layers:  # index 0 is the last layer; the earlier layers' losses are averaged, weighted
-        at = lambda x, j: None if x is None else x[..., j, :]  # noqa: E731
-        prior = [prefixes(base, f"{config.loss.name}/layer{layer}", aux, at(embs["q"], j),
-                          at(embs["p"], j), at(embs.get("n"), j), arrays=arrays)
-                 for j, layer in enumerate(layers, 1)]
-        parts["pairs_layers"] = (mrl.layer_weight, sum(prior) / len(prior))
-    if sd.weight > 0 and u is not None:
-      parts["self_distill"] = (sd.weight, losses.prefix_self_distillation(
-          u, dims, target_BxD=arrays.get("u_target_BxD"), pairwise=sd.pairwise, topk=sd.topk,
-          k=sd.k, valid_B=arrays["u_valid_B"]))
-    kl = dict(temperature=dist.temperature, teacher_temperature=dist.teacher_temperature)
-    if dist.embedding > 0 and u is not None:
-      student = last(embs["u_proj"]) if "u_proj" in embs else u
-      parts["distill_embedding"] = (dist.embedding, losses.embedding_distillation(
-          student, arrays["u_teacher_BxT"], kind=dist.embedding_kind, valid_B=arrays["u_valid_B"]))
-    if dist.scores > 0 and u is not None:
-      t = arrays["u_teacher_BxT"]
-      parts["distill_scores"] = (dist.scores, prefixes(
-          lambda a, b: losses.score_distillation(
-              a, b, teacher_q_BxT=t, teacher_d_CxT=t, valid_B=arrays["u_valid_B"],
-              valid_C=arrays["u_valid_B"], exclude_self=True, **kl), "distill_scores", aux, u, u))
-    if dist.pair_scores > 0 and q is not None:
-      parts["distill_pair_scores"] = (dist.pair_scores, prefixes(
-          lambda a, b: losses.score_distillation(
-              a, b, teacher_q_BxT=arrays["q_teacher_BxT"], teacher_d_CxT=arrays["p_teacher_BxT"],
-              valid_B=arrays["valid_B"], valid_C=arrays["valid_B"], **kl),
-          "distill_pair_scores", aux, q, p))
-    if dist.margin_mse > 0 and q is not None:
-      parts["distill_margin_mse"] = (dist.margin_mse, prefixes(
-          lambda a, b, c: losses.margin_mse(
-              a, b, c, teacher_q_BxT=arrays["q_teacher_BxT"], teacher_p_BxT=arrays["p_teacher_BxT"],
-              teacher_n_BxT=arrays["n_teacher_BxNxT"][:, 0], valid_B=arrays["valid_B"]),
-          "distill_margin_mse", aux, q, p, n[:, 0]))
-    mlm_groups = {t.groups[0] for t in tasks if t.spec is not None}  # [B, 3] rows, no layer axis
-    parts.update(task_terms(tasks, {k: v if k in mlm_groups else last(v) for k, v in embs.items()},
-                            arrays, aux))
-    if config.task_sampling == "proportional":  # the weights were the sampling shares
-      parts = {k: (1.0, value) for k, (_, value) in parts.items()}
-    if len(parts) > 1 or tasks:
-      aux.update({f"{name}_loss": value for name, (_, value) in parts.items()})
-    return sum(w * value for w, value in parts.values()), aux
-
-  return loss_fn
+def build_objective(config, tasks=(), *, distill_projection: bool = False) -> Objective:
+  """The config's objective: its representation, main terms and each task's terms and heads."""
+  from embed_jax import representations
+  rep = representations.get(config)
+  terms = [t for t in main_terms(config, rep, distill_projection=distill_projection) if t.weight > 0]
+  heads = {}
+  for t in tasks:
+    terms += t.terms(rep)
+    heads.update(t.heads())
+  views = {"u_proj": View("u", DISTILL_PROJECTION)} if distill_projection else {}
+  return Objective(rep, tuple(terms), heads, views,
+                   equal_weights=config.task_sampling == "proportional")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,19 +241,28 @@ def make_loss(config, tasks=()) -> Callable:
 
 
 def objective_problems(config, num_devices: int) -> list[str]:
+  from embed_jax import representations
   mrl, sd, proj = config.matryoshka, config.matryoshka.self_distill, config.projection
   dist, unl = config.distill, config.unlabelled
   problems = []
+  if config.loss.name not in PAIR_LOSSES:
+    problems.append(f"loss.name={config.loss.name!r}: choose from {', '.join(PAIR_LOSSES)} (CoSENT "
+                    f"needs graded pairs: a task, tasks.<name> = task('sts', loss='cosent'))")
+  if config.loss.name == "triplet" and config.data.num_negatives < 1:
+    problems.append("loss.name='triplet' needs data.num_negatives >= 1 (and data.negatives)")
   if mrl.weights and len(mrl.weights) != len(mrl.dims):
     problems.append(f"matryoshka.weights has {len(mrl.weights)} values for {len(mrl.dims)} dims")
   if any(not isinstance(i, int) or i < 1 for i in mrl.layers):
     problems.append(f"matryoshka.layers={tuple(mrl.layers)}: 1-based layer counts, each >= 1")
-  weights = {"loss.weight": config.loss.weight, "matryoshka.layer_weight": mrl.layer_weight,
-             "matryoshka.self_distill.weight": sd.weight, "distill.embedding": dist.embedding,
-             "distill.scores": dist.scores, "distill.pair_scores": dist.pair_scores,
-             "distill.margin_mse": dist.margin_mse}
-  problems += [f"{k}={v} must be >= 0" for k, v in weights.items() if v < 0]
-  if not uses_pairs(config) and not uses_unlabelled(config) and not config.tasks:
+  if config.representation not in representations.REPRESENTATIONS:
+    problems.append(f"representation={config.representation!r}: choose from "
+                    f"{', '.join(representations.REPRESENTATIONS)}")
+  if config.loss.name not in PAIR_LOSSES or config.representation not in representations.REPRESENTATIONS:
+    return problems  # the terms below cannot be built
+  terms = main_terms(config)
+  problems += [f"the {t.name} term's weight is {t.weight}: weights must be >= 0 (0: off)"
+               for t in terms if t.weight < 0]
+  if not any(t.weight > 0 for t in terms) and not config.tasks:
     problems.append("nothing to train: loss.weight is 0, no (self-)distillation weight is > 0 "
                     "and there are no tasks")
   from embed_jax.tasks import task_problems
@@ -215,9 +274,9 @@ def objective_problems(config, num_devices: int) -> list[str]:
       problems.append(f"matryoshka.self_distill.target={sd.target!r}: choose current or initial")
     if sd.k < 1:
       problems.append(f"matryoshka.self_distill.k={sd.k} must be >= 1")
-  distilling = {k: v for k, v in weights.items() if k.startswith("distill.") and v > 0}
+  distilling = [t.name for t in terms if t.name.startswith("distill_") and t.weight > 0]
   if distilling and not dist.store:
-    problems.append(f"{', '.join(distilling)} > 0 needs distill.store (a folder from "
+    problems.append(f"the {' and '.join(distilling)} term(s) need distill.store (a folder from "
                     f"`embed-jax teacher`)")
   if dist.store and not Path(dist.store).exists():
     problems.append(f"distill.store={dist.store!r} does not exist: build it with `embed-jax "

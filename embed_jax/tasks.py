@@ -7,7 +7,7 @@ batch size and weight (multi-task fine-tuning, and MLM domain adaptation).
     c.task_sampling = "all"  # each step a batch of every task, weighted sum of the losses;
                              # round_robin | proportional: one task per step
 
-Kinds and their text groups (keys are prefixed by the task name, e.g. `stsb.a_ids_BxL`):
+Kinds and their text groups (named after the task, e.g. `stsb.a`; the inputs are `stsb`'s):
   pairs     q, p: a BEIR dataset's (query, relevant document) pairs from a qrels split: MNRL
   sts       a, b and labels_B (gold scores): CoSENT (or MNRL on the pairs, scores unused)
   triplets  q (anchor), p (positive), n (negative): MNRL with the negative as a hard negative,
@@ -17,13 +17,16 @@ Kinds and their text groups (keys are prefixed by the task name, e.g. `stsb.a_id
 Any embedding loss may be Matryoshka-wrapped (`matryoshka_dims`). In the sampling modes the
 chosen task's loss is multiplied by its weight (round_robin) or used as it is, the weights being
 the sampling shares (proportional); an epoch is every task's data once.
+
+A task is a data source for the objective (embed_jax.objective): its loader fills the text groups
+`<name>.<g>` and the inputs `<name>`, and `Task.terms` adds its loss term (an MLM task also its
+head, `Task.heads`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable
 
 import jax.numpy as jnp
 import ml_collections
@@ -32,7 +35,8 @@ import numpy as np
 from embed_jax import losses
 from embed_jax.data.pairs import TupleLoader
 from embed_jax.embedder import tokenize_texts
-from embed_jax.models.mlm import MaskingSpec, mlm_rows
+from embed_jax.models.mlm import MaskedLM, MaskingSpec, mlm_rows
+from embed_jax.objective import RESERVED_SOURCES, Term, ranking_loss
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +76,9 @@ def task_problems(config, num_devices: int) -> list[str]:
   if config.task_sampling not in SAMPLING:
     problems.append(f"task_sampling={config.task_sampling!r}: choose from {', '.join(SAMPLING)}")
   for name, t in task_configs(config).items():
-    if "." in name or "_" in name:
-      problems.append(f"tasks.{name}: task names are plain words (no '.' or '_')")
+    if name in RESERVED_SOURCES:
+      problems.append(f"tasks.{name}: {' and '.join(RESERVED_SOURCES)} name the main pairs and "
+                      f"unlabelled texts; call the task something else")
     if t.kind not in TASK_KINDS:
       problems.append(f"tasks.{name}.kind={t.kind!r}: choose from {', '.join(TASK_KINDS)}")
       continue
@@ -110,6 +115,44 @@ class Task:
     return tuple(f"{self.name}.{g}" for g in
                  {"pairs": "qp", "sts": "ab", "triplets": "qpn", "mlm": "x"}[self.cfg.kind])
 
+  def heads(self) -> dict:
+    """Text groups with another head than the representation: an MLM task's masked texts."""
+    return {self.groups[0]: MaskedLM(self.spec)} if self.spec is not None else {}
+
+  def terms(self, rep) -> list[Term]:
+    """The task's loss term over its groups' outputs (`rep`: the model's representation)."""
+    c, groups = self.cfg, self.groups
+    prefixes = dict(dims=tuple(c.matryoshka_dims))
+    if c.kind == "mlm":
+      return [Term(self.name, c.weight, groups, self.name, _mlm_loss, metrics=_mlm_accuracy)]
+    if c.kind == "sts" and c.loss == "cosent":
+      def cosent(a, b, *, inputs):
+        return losses.cosent(a, b, inputs["labels_B"], scale=c.scale, valid_B=inputs["valid_B"],
+                             score=rep.score)
+      return [Term(self.name, c.weight, groups, self.name, cosent, **prefixes)]
+    loss = ranking_loss(c.loss, scale=c.scale, margin=c.margin, score=rep.score)
+    if c.kind == "triplets":  # one negative per row [B, E]: the ranking losses take [B, N, E]
+      base = loss
+      loss = lambda q, p, n, *, inputs: base(q, p, n[:, None], inputs=inputs)  # noqa: E731
+    return [Term(self.name, c.weight, groups, self.name, loss, **prefixes)]
+
+
+def _mlm_sums(rows_Bx3, inputs):
+  """Cross-entropy, masked tokens and correct predictions over the valid rows."""
+  rows_Bx3 = rows_Bx3 * inputs["valid_B"][:, None]
+  ce, count, correct = (rows_Bx3[:, i].sum() for i in range(3))
+  return ce, jnp.maximum(count, 1.0), correct
+
+
+def _mlm_loss(rows_Bx3, *, inputs):
+  ce, count, _ = _mlm_sums(rows_Bx3, inputs)
+  return ce / count
+
+
+def _mlm_accuracy(rows_Bx3, *, inputs):
+  _, count, correct = _mlm_sums(rows_Bx3, inputs)
+  return {"accuracy": correct / count}
+
 
 def _text_ids(texts: list[str]) -> np.ndarray:
   """A row's text identity (equal texts, equal id): MNRL masks a duplicate positive."""
@@ -139,9 +182,8 @@ def build_task(name: str, t, config, tokenizer, model_config, dataset) -> Task:
             f"{name}.p": tokenize_texts(tokenizer, model_config, [docs[i] for i in d_idx],
                                    config.max_seq_length)}
     loader = TupleLoader(cols, batch_size=t.batch_size, seed=seed, max_len=config.max_seq_length,
-                         pad_id=pad, valid_key=f"{name}.valid_B", salt=salt,
-                         arrays={f"{name}.query_B": q_idx.astype(np.int32),
-                                 f"{name}.pos_doc_B": d_idx.astype(np.int32)})
+                         pad_id=pad, source=name, salt=salt,
+                         arrays={"q_ids_B": q_idx.astype(np.int32), "p_ids_B": d_idx.astype(np.int32)})
     log.info("task %s: %d pairs from %s %s", name, len(q_idx), source.name, t.split)
     return Task(name, t, loader)
   if t.kind == "sts":
@@ -150,9 +192,9 @@ def build_task(name: str, t, config, tokenizer, model_config, dataset) -> Task:
     cols = {f"{name}.a": tokenize_texts(tokenizer, model_config, a, t.max_seq_length),
             f"{name}.b": tokenize_texts(tokenizer, model_config, b, t.max_seq_length)}
     loader = TupleLoader(cols, batch_size=t.batch_size, seed=seed, max_len=t.max_seq_length,
-                         pad_id=pad, valid_key=f"{name}.valid_B", salt=salt,
-                         arrays={f"{name}.labels_B": scores.astype(np.float32),
-                                 f"{name}.a_ids_B": _text_ids(a), f"{name}.b_ids_B": _text_ids(b)})
+                         pad_id=pad, source=name, salt=salt,
+                         arrays={"labels_B": scores.astype(np.float32), "q_ids_B": _text_ids(a),
+                                 "p_ids_B": _text_ids(b)})
     log.info("task %s: %d STS pairs from %s %s", name, len(a), t.dataset or "stsb", t.split)
     return Task(name, t, loader)
   if t.kind == "triplets":
@@ -162,9 +204,9 @@ def build_task(name: str, t, config, tokenizer, model_config, dataset) -> Task:
     cols = {f"{name}.{g}": tokenize_texts(tokenizer, model_config, texts, t.max_seq_length)
             for g, texts in (("q", q), ("p", p), ("n", n))}
     loader = TupleLoader(cols, batch_size=t.batch_size, seed=seed, max_len=t.max_seq_length,
-                         pad_id=pad, valid_key=f"{name}.valid_B", salt=salt,
-                         arrays={f"{name}.query_B": _text_ids(q), f"{name}.pos_doc_B": docs[:len(p)],
-                                 f"{name}.neg_doc_BxN": docs[len(p):, None]})
+                         pad_id=pad, source=name, salt=salt,
+                         arrays={"q_ids_B": _text_ids(q), "p_ids_B": docs[:len(p)],
+                                 "neg_ids_BxN": docs[len(p):, None]})
     log.info("task %s: %d triplets from %s %s", name, len(q), t.dataset or "snli", t.split)
     return Task(name, t, loader)
   # mlm: windows of the dataset's texts; whole documents held out by a seeded draw
@@ -182,7 +224,7 @@ def build_task(name: str, t, config, tokenizer, model_config, dataset) -> Task:
     pieces = [tokenizer.convert_ids_to_tokens(w) for w in windows]
     cont = [[tok.startswith("##") for tok in toks] for toks in pieces]
     return TupleLoader({f"{name}.x": windows}, batch_size=t.batch_size, seed=seed, max_len=max_len,
-                       pad_id=pad, valid_key=f"{name}.valid_B", salt=salt, drop_last=drop_last,
+                       pad_id=pad, source=name, salt=salt, drop_last=drop_last,
                        continuation={f"{name}.x": cont} if t.whole_word else None)
 
   loader = loader_of([r for r, h in zip(raw, heldout) if not h], drop_last=True)
@@ -228,61 +270,6 @@ class SampledLoader:
 
 
 # ----------------------------------------------------------------------------------------------
-# Losses.
-# ----------------------------------------------------------------------------------------------
-
-
-def mlm_specs(tasks: list[Task]) -> dict[str, MaskingSpec]:
-  """Text group -> masking settings, for the MLM tasks (embed_groups masks and predicts there)."""
-  return {t.groups[0]: t.spec for t in tasks if t.spec is not None}
-
-
-def task_terms(tasks: list[Task], embs, arrays, aux) -> dict[str, tuple[float, object]]:
-  """{task name: (weight, loss)} for the tasks whose texts are in this batch."""
-  parts = {}
-  for t in tasks:
-    c, g = t.cfg, t.groups
-    if g[0] not in embs:
-      continue
-    valid = arrays[f"{t.name}.valid_B"]
-    if c.kind == "mlm":
-      rows_Bx3 = embs[g[0]] * valid[:, None]
-      ce, count, correct = (rows_Bx3[:, i].sum() for i in range(3))
-      count = jnp.maximum(count, 1.0)
-      aux[f"{t.name}_accuracy"] = correct / count
-      parts[t.name] = (c.weight, ce / count)
-      continue
-    loss = _embedding_loss(t, arrays, valid)
-    embeddings = [embs[x] for x in g]
-    if c.matryoshka_dims:
-      terms = losses.matryoshka_terms(loss, tuple(c.matryoshka_dims), *embeddings)
-      for d, value in zip(c.matryoshka_dims, terms):
-        aux[f"{t.name}@{d}"] = value
-      parts[t.name] = (c.weight, sum(terms))
-    else:
-      parts[t.name] = (c.weight, loss(*embeddings))
-  return parts
-
-
-def _embedding_loss(t: Task, arrays, valid) -> Callable:
-  c, name = t.cfg, t.name
-  if c.kind == "pairs":
-    return lambda q, p: losses.mnrl(q, p, scale=c.scale, valid_B=valid,
-                                    p_ids_B=arrays[f"{name}.pos_doc_B"], q_ids_B=arrays[f"{name}.query_B"])
-  if c.kind == "sts" and c.loss == "cosent":
-    return lambda a, b: losses.cosent(a, b, arrays[f"{name}.labels_B"], scale=c.scale, valid_B=valid)
-  if c.kind == "sts":
-    return lambda a, b: losses.mnrl(a, b, scale=c.scale, valid_B=valid,
-                                    p_ids_B=arrays[f"{name}.b_ids_B"], q_ids_B=arrays[f"{name}.a_ids_B"])
-  if c.loss == "mnrl":
-    return lambda q, p, n: losses.mnrl(q, p, n[:, None], scale=c.scale, valid_B=valid,
-                                       p_ids_B=arrays[f"{name}.pos_doc_B"],
-                                       neg_ids_BxN=arrays[f"{name}.neg_doc_BxN"],
-                                       q_ids_B=arrays[f"{name}.query_B"])
-  return lambda q, p, n: losses.triplet(q, p, n, margin=c.margin, valid_B=valid)
-
-
-# ----------------------------------------------------------------------------------------------
 # MLM evaluation: masked-token accuracy and perplexity on the held-out windows.
 # ----------------------------------------------------------------------------------------------
 
@@ -294,13 +281,12 @@ def mlm_evaluate(module, params, t: Task, seed: int = 0) -> dict:
   fn = jax.jit(lambda p, ids, mask, words, key: mlm_rows(module, p, ids, mask, key, t.spec,
                                                          deterministic=True, words_BxL=words))
   sums = np.zeros(3)
-  g = t.groups[0]
   for step in range(t.heldout.steps_per_epoch):
     b = t.heldout.batch(step)
-    words = b.get(f"{g}_words_BxL")
-    rows = np.asarray(fn(params, b[f"{g}_ids_BxL"], b[f"{g}_mask_BxL"], words,
+    x = b["groups"][t.groups[0]]
+    rows = np.asarray(fn(params, x["ids"], x["mask"], x.get("words"),
                          jax.random.fold_in(jax.random.key(seed), step)))
-    sums += (rows * b[f"{t.name}.valid_B"][:, None]).sum(0)
+    sums += (rows * b["inputs"][t.name]["valid_B"][:, None]).sum(0)
   ce, count, correct = sums
   return {"mlm_heldout_accuracy": correct / max(count, 1),
           "mlm_heldout_perplexity": float(np.exp(ce / max(count, 1))),

@@ -63,8 +63,8 @@ def main():
                              ("d2", "scifact_multitask:balanced", RUNS / "multitask_balanced")):
     summary = run_config(spec, workdir)
     if key in ("mlm", "probe"):
-      held = {k: json.loads((workdir / f"mlm_{k}.json").read_text())["mlm"]
-              for k in ("before", "after")}
+      held = {k: json.loads((workdir / f"{name}.json").read_text())["mlm"]
+              for k, name in (("before", "mlm_before"), ("after", "mlm"))}
       if key == "mlm":
         mlm = {"minutes": summary["wall_clock_min"], "random_head": held["before"],
                "after": held["after"]}

@@ -85,7 +85,8 @@ def pca_rotated(workdir: Path) -> dict[int, dict]:
   if not cache.exists():
     import embed_jax
     from embed_jax.data import load_beir
-    from embed_jax.evaluate import evaluate_embeddings, principal_axes
+    from embed_jax.evaluate import evaluate_embeddings
+    from embed_jax.models.heads import principal_axes
     model, data = embed_jax.load(workdir / "export"), load_beir("scifact")
     qrels = data.qrels("test")
     query_ids = [q for q in data.queries if q in qrels]

@@ -9,6 +9,7 @@ import pytest
 
 from embed_jax import losses
 from embed_jax import train as T
+from embed_jax.models import heads
 from embed_jax.data.teacher import (TeacherStore, TeacherStoreError, build_store, dataset_texts,
                                     import_store)
 
@@ -143,20 +144,52 @@ def _distill_config(tiny_beir, store, **changes):
   return smoke_config(tiny_beir, **{"distill.store": str(store), **changes})
 
 
-def test_unlabelled_distillation_smoke_trains_through_a_projection(tiny_beir, tiny_dataset,
-                                                                    teacher_dir, tmp_path):
+def _first_step(c, workdir):
+  """(outputs of step 0's batch under the starting params, its inputs, the first metrics line)
+  of a finished run in `workdir` without dropout: the outputs recomputed outside the run."""
+  from embed_jax.data import inputs
+  from embed_jax.embedder import Embedder
+  from embed_jax.models import SentenceEncoder
+  from embed_jax.objective import build_objective
+  model_config, params, tok, _ = heads.load_model(c, workdir)  # the run's tiny model
+  start = Embedder(model_config, params, tok)
+  data = inputs.build(c, model_config, tok, start, workdir)
+  module = SentenceEncoder(model_config)
+  params = heads.add_training_heads(c, params, module, data, start, workdir)  # cached fits
+  objective = build_objective(c, data.tasks, distill_projection=heads.DISTILL_PROJECTION in params)
+  batch = data.loader.batch(0)
+  outputs = objective.embed(module, params, batch["groups"], jax.random.key(0), train=False)
+  first = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])
+  return outputs, batch["inputs"], first
+
+
+def test_unlabelled_distillation_trains_through_a_projection(tiny_beir, tiny_dataset,
+                                                             teacher_dir, tmp_path):
+  """Step 0's logged terms equal the losses of the starting student's outputs (through the
+  lstsq projection) against the store's vectors of the same texts; the loss is their weighted
+  sum; the projection is not exported."""
   import embed_jax
   from embed_jax import hf
   store = build_store(embed_jax.load(teacher_dir), tiny_dataset, ("corpus", "queries"),
                       tmp_path / "store", name="tiny48")
   c = _distill_config(tiny_beir, store, **{
-      "loss.weight": 0.0, "distill.embedding": 1.0, "distill.scores": 1.0,
+      "loss.weight": 0.0, "distill.embedding": 1.0, "distill.scores": 0.5, "dropout": False,
       "unlabelled.texts": "corpus+queries", "unlabelled.batch_size": 8, "distill.teacher": "tiny48"})
   out = T.train(c, tmp_path / "run")
-  metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
-  assert "distill_embedding_loss" in metrics and "distill_scores_loss" in metrics
+  outputs, inputs, m = _first_step(c, tmp_path / "run")
+  u, teacher = outputs["u"], inputs["u"]["teacher_BxT"]
+  # The batch's teacher rows are the store's vectors of its texts.
+  assert {tuple(np.round(r, 5)) for r in teacher} <= {tuple(np.round(r, 5)) for r in
+                                                       TeacherStore(store).vectors}
+  kernel = np.load(tmp_path / "run" / "distill_projection.npy")
+  want_emb = np.mean(np.sum((_unit(np.asarray(u) @ kernel) - _unit(teacher)) ** 2, -1))
+  want_kl = losses.score_distillation(u, u, teacher_q_BxT=teacher, teacher_d_CxT=teacher,
+                                      exclude_self=True)
+  np.testing.assert_allclose(m["distill_embedding_loss"], want_emb, rtol=1e-4)
+  np.testing.assert_allclose(m["distill_scores_loss"], want_kl, rtol=1e-4)
+  np.testing.assert_allclose(m["loss"], want_emb + 0.5 * want_kl, rtol=1e-4)
   config, params = hf.load(out["export"])
-  assert T.DISTILL_PROJECTION not in params and config.embedding_dim == 32
+  assert heads.DISTILL_PROJECTION not in params and config.embedding_dim == 32
 
 
 def test_lstsq_projection_starts_at_the_best_linear_map_to_the_teacher(tiny_beir, tiny_dataset,
@@ -185,23 +218,47 @@ def test_lstsq_projection_starts_at_the_best_linear_map_to_the_teacher(tiny_beir
   assert cos.min() > 0.99
   assert not (tmp_path / "random" / "distill_projection.npy").exists()
   assert first_loss["lstsq"] < 0.1 * first_loss["random"]
-  # A resumed (or re-run) workdir reads the cached fit instead of encoding again.
+  # A resumed (or re-run) workdir reads the cached fit instead of encoding again (no student).
+  from types import SimpleNamespace
+  from embed_jax.models import SentenceEncoder
+  from embed_jax.testing import init_params, tiny_config
   c.distill.projection_init = "lstsq"
-  again = T.distill_projection_kernel(c, tiny_dataset, TeacherStore(store), None, tmp_path / "lstsq")
-  np.testing.assert_array_equal(again, kernel)
+  data = SimpleNamespace(tasks=[], store=TeacherStore(store), dataset=tiny_dataset)
+  params = heads.add_training_heads(c, init_params(tiny_config()), SentenceEncoder(tiny_config()),
+                                    data, None, tmp_path / "lstsq")
+  np.testing.assert_array_equal(params[heads.DISTILL_PROJECTION]["kernel"], kernel)
 
 
-def test_pair_distillation_with_labels_smoke(tiny_beir, tiny_dataset, teacher_dir, tmp_path):
+def test_pair_distillation_with_labels(tiny_beir, tiny_dataset, teacher_dir, tmp_path):
+  """Step 0's pair-score KL at each Matryoshka prefix equals the loss of the starting model's
+  query and positive prefixes against the teacher's vectors of those texts; the term is their
+  sum, and the loss adds the labelled MNRL."""
   import embed_jax
   store = build_store(embed_jax.load(teacher_dir), tiny_dataset, ("corpus", "queries"),
                       tmp_path / "store", name="tiny48")
-  c = _distill_config(tiny_beir, store, **{"distill.pair_scores": 1.0, "matryoshka.dims": (32, 8)})
+  c = _distill_config(tiny_beir, store, **{"distill.pair_scores": 0.5, "matryoshka.dims": (32, 8),
+                                           "dropout": False})
   T.train(c, tmp_path / "run")
-  assert "distill_pair_scores@8" in (tmp_path / "run" / "metrics.jsonl").read_text()
+  outputs, inputs, m = _first_step(c, tmp_path / "run")
+  q, p, pairs = outputs["q"], outputs["p"], inputs["pairs"]
+  teacher = TeacherStore(store)
+  ok = pairs["valid_B"]
+  rows = lambda kind, ids: teacher.vectors[teacher.rows(f"{kind}/{i}" for i in ids)]  # noqa: E731
+  dataset_q = [q_id for q_id in tiny_dataset.queries if q_id in tiny_dataset.qrels("train")]
+  tq = rows("queries", [dataset_q[i] for i in pairs["q_ids_B"][ok]])
+  tp = rows("corpus", [tiny_dataset.corpus_ids[i] for i in pairs["p_ids_B"][ok]])
+  for d in (32, 8):
+    want = losses.score_distillation(np.asarray(q)[ok, :d], np.asarray(p)[ok, :d],
+                                     teacher_q_BxT=tq, teacher_d_CxT=tp)
+    np.testing.assert_allclose(m[f"distill_pair_scores@{d}"], want, rtol=1e-4)
+  np.testing.assert_allclose(m["distill_pair_scores_loss"],
+                             m["distill_pair_scores@32"] + m["distill_pair_scores@8"], rtol=1e-5)
+  np.testing.assert_allclose(m["loss"], m["pairs_loss"] + 0.5 * m["distill_pair_scores_loss"],
+                             rtol=1e-5)
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"distill.scores": 1.0, "distill.store": ""}, r"distill.scores > 0 needs distill.store"),
+    ({"distill.scores": 1.0, "distill.store": ""}, r"the distill_scores term\(s\) need distill.store"),
     ({"distill.store": "/no/such/store"}, "distill.store='/no/such/store' does not exist"),
     ({"loss.weight": 0.0}, "nothing to train"),
     ({"distill.projection_init": "pca"}, "distill.projection_init='pca': choose lstsq or random"),
@@ -233,6 +290,7 @@ from tests.test_train import _assert_same, needs_8, synthetic_batch  # noqa: E40
 
 def _run_distill(runner_name, devices, chunk=0):
   from configs import scifact_mnrl
+  from embed_jax.objective import build_objective
   from embed_jax.models import SentenceEncoder
   from embed_jax.testing import init_params, tiny_config
   c = scifact_mnrl.get_config()
@@ -242,27 +300,29 @@ def _run_distill(runner_name, devices, chunk=0):
   c.distill.store = "unused"
   c.distill.embedding, c.distill.scores, c.distill.pair_scores, c.distill.margin_mse = 1.0, 0.5, 0.5, 2.0
   cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
-  params = T.add_distill_projection(init_params(cfg), 32, 48, seed=0)
+  params = heads.add_distill_projection(init_params(cfg), 32, 48, seed=0)
   tx, schedule = T.make_optimizer(c.optim, total_steps=10)
   axis = "batch" if runner_name == "pmap" else None
-  runner = T.make_runner(runner_name, T.make_train_step(SentenceEncoder(cfg), c, tx, schedule, axis),
-                         devices)
+  objective = build_objective(c, distill_projection=True)
+  runner = T.make_runner(runner_name, T.make_train_step(SentenceEncoder(cfg), objective, c, tx,
+                                                        schedule, axis), devices)
   state = runner.put_state(T.init_state(params, tx, seed=0))
   losses_ = []
   for s in range(2):
     batch = synthetic_batch(seed=s)
     r = np.random.default_rng(s + 50)
     ids = r.integers(5, 100, (16, 12)).astype(np.int32)
-    batch.update(u_ids_BxLu=ids, u_mask_BxLu=np.ones_like(ids), u_valid_B=np.ones(16, bool),
-                 u_teacher_BxT=r.normal(size=(16, 48)).astype(np.float32),
-                 q_teacher_BxT=r.normal(size=(16, 48)).astype(np.float32),
-                 p_teacher_BxT=r.normal(size=(16, 48)).astype(np.float32),
-                 n_teacher_BxNxT=r.normal(size=(16, 1, 48)).astype(np.float32))
+    batch["groups"]["u"] = {"ids": ids, "mask": np.ones_like(ids)}
+    batch["inputs"]["u"] = {"valid_B": np.ones(16, bool),
+                            "teacher_BxT": r.normal(size=(16, 48)).astype(np.float32)}
+    batch["inputs"]["pairs"].update(q_teacher_BxT=r.normal(size=(16, 48)).astype(np.float32),
+                                    p_teacher_BxT=r.normal(size=(16, 48)).astype(np.float32),
+                                    n_teacher_BxNxT=r.normal(size=(16, 1, 48)).astype(np.float32))
     state, m = runner.step(state, batch)
     losses_.append(float(m["loss"]))
   params = jax.tree.map(np.asarray, runner.get_state(state).params)
-  assert np.abs(params[T.DISTILL_PROJECTION]["kernel"]
-                - T.add_distill_projection({}, 32, 48, 0)[T.DISTILL_PROJECTION]["kernel"]).max() > 0
+  assert np.abs(params[heads.DISTILL_PROJECTION]["kernel"]
+                - heads.add_distill_projection({}, 32, 48, 0)[heads.DISTILL_PROJECTION]["kernel"]).max() > 0
   return losses_, params
 
 

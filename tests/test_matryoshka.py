@@ -19,10 +19,13 @@ def _emb(*shape):
 def test_matryoshka_mnrl_equals_the_weighted_sum_of_prefix_losses():
   q, p, n = _emb(6, 16), _emb(6, 16), _emb(6, 2, 16)
   dims, weights = (4, 16, 8), (0.5, 1.0, 2.0)  # any order
-  got = losses.matryoshka(losses.mnrl, dims, weights)(q, p, n, scale=20.0)
-  want = sum(w * np_mnrl(np.asarray(q)[:, :d], np.asarray(p)[:, :d], np.asarray(n)[..., :d])
-             for d, w in zip(dims, weights))
-  np.testing.assert_allclose(got, want, rtol=1e-5)
+  got, per_dim = losses.matryoshka(losses.mnrl, dims, weights)(q, p, n, scale=20.0)
+  each = {d: np_mnrl(np.asarray(q)[:, :d], np.asarray(p)[:, :d], np.asarray(n)[..., :d])
+          for d in dims}
+  np.testing.assert_allclose(got, sum(w * each[d] for d, w in zip(dims, weights)), rtol=1e-5)
+  assert sorted(per_dim) == sorted(dims)
+  for d in dims:
+    np.testing.assert_allclose(per_dim[d], each[d], rtol=1e-5)
 
 
 @pytest.mark.parametrize("loss, args", [
@@ -32,7 +35,7 @@ def test_matryoshka_mnrl_equals_the_weighted_sum_of_prefix_losses():
 def test_matryoshka_wraps_any_embedding_loss(loss, args):
   embs = args()
   kw = {"labels_B": jnp.arange(5.0)} if loss is losses.cosent else {}
-  got = losses.matryoshka(loss, (8, 2))(*embs, **kw)
+  got, _ = losses.matryoshka(loss, (8, 2))(*embs, **kw)
   want = loss(*(e[:, :8] for e in embs), **kw) + loss(*(e[:, :2] for e in embs), **kw)
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
@@ -40,11 +43,11 @@ def test_matryoshka_wraps_any_embedding_loss(loss, args):
 def test_gradients_reach_every_prefix():
   q, p = _emb(6, 16), _emb(6, 16)
   dims = (2, 4, 16)
-  g_q = jax.grad(lambda q: losses.matryoshka(losses.mnrl, dims)(q, p))(q)
+  g_q = jax.grad(lambda q: losses.matryoshka(losses.mnrl, dims)(q, p)[0])(q)
   for lo, hi in ((0, 2), (2, 4), (4, 16)):
     assert float(jnp.abs(g_q[:, lo:hi]).sum()) > 0, (lo, hi)
   # Only the prefix up to 4: dims 4..16 get no gradient.
-  g_small = jax.grad(lambda q: losses.matryoshka(losses.mnrl, (2, 4))(q, p))(q)
+  g_small = jax.grad(lambda q: losses.matryoshka(losses.mnrl, (2, 4))(q, p)[0])(q)
   assert float(jnp.abs(g_small[:, 4:]).sum()) == 0
 
 
@@ -104,9 +107,9 @@ def test_prefix_self_distillation_is_zero_when_prefixes_carry_everything_and_mas
 # ---- in the train step: runners and gradient caching agree, per-dim metrics ----
 
 from embed_jax import train as T  # noqa: E402
-from embed_jax.models import SentenceEncoder  # noqa: E402
 from embed_jax.testing import init_params, tiny_config  # noqa: E402
-from tests.test_train import _assert_same, needs_8, smoke_config, synthetic_batch  # noqa: E402
+from embed_jax.models import heads  # noqa: E402
+from tests.test_train import _assert_same, make_step, needs_8, smoke_config, synthetic_batch  # noqa: E402
 
 
 def _mrl_config(chunk=0, runner="jit"):
@@ -130,7 +133,8 @@ def _mrl_batch(seed):
   ids = rng.integers(5, 100, (16, 12)).astype(np.int32)
   lengths = rng.integers(2, 13, 16)
   mask = (np.arange(12) < lengths[:, None]).astype(np.int32)
-  batch.update(u_ids_BxLu=ids * mask, u_mask_BxLu=mask, u_valid_B=np.ones(16, bool))
+  batch["groups"]["u"] = {"ids": ids * mask, "mask": mask}
+  batch["inputs"]["u"] = {"valid_B": np.ones(16, bool)}
   return batch
 
 
@@ -139,8 +143,7 @@ def _mrl_run(runner_name, devices, chunk=0, steps=2):
   cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
   tx, schedule = T.make_optimizer(c.optim, total_steps=10)
   axis = "batch" if runner_name == "pmap" else None
-  runner = T.make_runner(runner_name, T.make_train_step(SentenceEncoder(cfg), c, tx, schedule, axis),
-                         devices)
+  runner = T.make_runner(runner_name, make_step(cfg, c, tx, schedule, axis), devices)
   state = runner.put_state(T.init_state(init_params(cfg), tx, seed=0))
   losses_, metrics = [], None
   for s in range(steps):
@@ -210,7 +213,7 @@ def test_bad_matryoshka_config_is_refused_before_training(change, message, tiny_
 def test_pca_projection_is_a_rotation_that_keeps_full_dim_scores(tiny_beir, tmp_path):
   from embed_jax.embedder import Embedder
   c = smoke_config(tiny_beir, **{"projection.dim": 32, "projection.init": "pca"})
-  cfg, params, tok, _ = T.load_model(c, tmp_path)
+  cfg, params, tok, _ = heads.load_model(c, tmp_path)
   kernel = params["dense"]["kernel"]
   np.testing.assert_allclose(kernel.T @ kernel, np.eye(32), atol=1e-5)
   assert (tmp_path / "pca_projection.npy").exists()
@@ -226,11 +229,11 @@ def test_pca_projection_is_a_rotation_that_keeps_full_dim_scores(tiny_beir, tmp_
   assert var[:4].sum() >= var[-4:].sum()
   # A resumed run reads the fitted kernel instead of encoding again.
   np.save(tmp_path / "pca_projection.npy", np.eye(32, dtype=np.float32)[:, ::-1].copy())
-  _, again, _, _ = T.load_model(c, tmp_path)
+  _, again, _, _ = heads.load_model(c, tmp_path)
   np.testing.assert_array_equal(again["dense"]["kernel"], np.eye(32)[:, ::-1])
   # Smaller than the model: the leading principal axes only.
   small = smoke_config(tiny_beir, **{"projection.dim": 8, "projection.init": "pca"})
-  cfg8, params8, _, _ = T.load_model(small, tmp_path / "small")
+  cfg8, params8, _, _ = heads.load_model(small, tmp_path / "small")
   assert cfg8.embedding_dim == 8
   np.testing.assert_allclose(params8["dense"]["kernel"], kernel[:, :8], atol=1e-5)
 

@@ -293,7 +293,8 @@ def test_read_negatives_errors_name_the_file_and_line(geometry, tmp_path, caplog
 
 def _parse(argv):
   parser = argparse.ArgumentParser(prog="embed-jax")
-  mining.add_mine_parser(parser.add_subparsers(dest="command", required=True))
+  from embed_jax.cli import add_mine_parser
+  add_mine_parser(parser.add_subparsers(dest="command", required=True))
   return parser.parse_args(argv)
 
 
@@ -303,7 +304,6 @@ def test_cmd_mine(tiny_model_dir, tiny, tmp_path, capsys):
   args = _parse(["mine", "--model", str(tiny_model_dir), *data_args, "--out", str(out),
                  "--top_k", "15", "--skip_top", "1", "--margin", "none", "--num_negatives", "3",
                  "--sampling", "top", "--seed", "7", "--batch_size", "8"])
-  assert args.func is mining.cmd_mine
   args.func(args)
   assert "wrote" in capsys.readouterr().out
   meta = mining.read_meta(out)
@@ -325,6 +325,7 @@ def test_cmd_mine(tiny_model_dir, tiny, tmp_path, capsys):
     (["--top_k", "0"], ValueError, "top_k must be >= 1"),
     (["--skip_top", "-1"], ValueError, "skip_top must be >= 0"),
     (["--out", "neg.txt"], ValueError, "expected a .jsonl path"),
+    (["--sampling", "hardest"], ValueError, "sampling='hardest'; expected one of"),
 ])
 def test_cmd_mine_errors(tiny, tmp_path, extra, error, message):
   argv = ["mine", "--model", str(tmp_path / "never-loaded"), *tiny[1],

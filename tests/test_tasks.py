@@ -11,7 +11,7 @@ import pytest
 from embed_jax import train as T
 from embed_jax.models.mlm import MaskingSpec, budget, mask_tokens
 from embed_jax.tasks import SampledLoader, task
-from tests.test_train import _assert_same, needs_8, set_fields, smoke_config
+from tests.test_train import _assert_same, make_step, needs_8, set_fields, smoke_config
 
 SPEC = MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=130)
 
@@ -113,7 +113,9 @@ def test_multitask_smoke_logs_each_task_and_the_weighted_sum(tiny_beir, tmp_path
           + 1.5 * m["more_loss"])
   assert m["loss"] == pytest.approx(want, rel=1e-5)
   assert m["nli_loss"] == pytest.approx(m["nli@32"] + m["nli@8"], rel=1e-5)
-  assert out["mlm"]["before"]["mlm"]["mlm_heldout_tokens"] > 0
+  before = json.loads((tmp_path / "run" / "mlm_before.json").read_text())["mlm"]
+  assert before["mlm_heldout_tokens"] > 0
+  assert out["mlm_perplexity_before"] == before["mlm_heldout_perplexity"]
 
 
 @pytest.mark.parametrize("mode", ["round_robin", "proportional"])
@@ -139,7 +141,8 @@ def test_one_task_per_step_visits_tasks_in_their_shares(mode):
 
 
 def test_round_robin_run_resumes_exactly(tiny_beir, tmp_path):
-  over = {"task_sampling": "round_robin", "max_steps": 6, "evals.mlm_heldout": False}
+  over = {"task_sampling": "round_robin", "max_steps": 6, "evals.mlm.at_start": False,
+          "evals.mlm.at_end": False}
   full = T.train(_multi(tiny_beir, tmp_path / "a", **over), tmp_path / "full")
   T.train(_multi(tiny_beir, tmp_path / "b", **over), tmp_path / "part", stop_after=4)
   resumed = T.train(_multi(tiny_beir, tmp_path / "c", **over), tmp_path / "part")
@@ -153,7 +156,7 @@ def test_round_robin_run_resumes_exactly(tiny_beir, tmp_path):
 def test_mlm_loss_falls_and_exports_a_bert_for_masked_lm(tiny_beir, tmp_path):
   c = smoke_config(tiny_beir, **{"loss.weight": 0.0, "max_steps": 40, "num_epochs": 0, "optim.lr": 3e-3,
                                  "optim.warmup_ratio": 0.0, "export_mlm": True,
-                                 "evals.test_at_end": False, "dropout": False})
+                                 "evals.test.at_end": False, "dropout": False})
   c.tasks.mlm = task("mlm", batch_size=8, heldout_fraction=0.0)
   out = T.train(c, tmp_path / "mlm")
   losses_ = [json.loads(l)["mlm_loss"] for l in (tmp_path / "mlm" / "metrics.jsonl").read_text()
@@ -192,8 +195,8 @@ def test_mlm_probe_fits_the_head_and_leaves_the_encoder_as_it_was(tiny_beir, tmp
   _, start = hf.load(tmp_path / "probe" / "tiny-model")
   _, end = hf.load(out["export"])
   jax.tree.map(np.testing.assert_array_equal, start["encoder"], end["encoder"])
-  held = {k: json.loads((tmp_path / "probe" / f"mlm_{k}.json").read_text())["mlm"]
-          for k in ("before", "after")}
+  held = {k: json.loads((tmp_path / "probe" / f"{name}.json").read_text())["mlm"]
+          for k, name in (("before", "mlm_before"), ("after", "mlm"))}
   assert held["after"]["mlm_heldout_perplexity"] < held["before"]["mlm_heldout_perplexity"]
   with pytest.raises(ValueError, match="unknown variant"):
     scifact_mlm.get_config("prob")
@@ -201,7 +204,7 @@ def test_mlm_probe_fits_the_head_and_leaves_the_encoder_as_it_was(tiny_beir, tmp
 
 def _run_tasks(runner_name, devices, tmp_path, tiny_beir, chunk=0):
   from configs import scifact_mnrl
-  from embed_jax.models import SentenceEncoder
+  from embed_jax.models import SentenceEncoder, heads
   from embed_jax.tasks import build_tasks
   from embed_jax.testing import init_params, tiny_config, tiny_tokenizer
   from embed_jax.data import load_beir
@@ -211,19 +214,19 @@ def _run_tasks(runner_name, devices, tmp_path, tiny_beir, chunk=0):
   cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
   tasks = build_tasks(c, tiny_tokenizer(), cfg, load_beir(str(tiny_beir)))
   module = SentenceEncoder(cfg)
-  params = T.add_mlm_head(init_params(cfg), module, 0)
+  params = heads.add_mlm_head(init_params(cfg), module, 0)
   tx, schedule = T.make_optimizer(scifact_mnrl.get_config().optim, total_steps=10)
   axis = "batch" if runner_name == "pmap" else None
-  runner = T.make_runner(runner_name, T.make_train_step(module, c, tx, schedule, axis, tasks),
-                         devices)
+  runner = T.make_runner(runner_name, make_step(cfg, c, tx, schedule, axis, tasks), devices)
   state = runner.put_state(T.init_state(params, tx, seed=0))
   from tests.test_train import synthetic_batch
   losses_ = []
   for s in range(2):
     batch = synthetic_batch(b=8, seed=s)
-    batch["pos_doc_B"][3] = batch["pos_doc_B"][5] if s == 0 else batch["pos_doc_B"][3]
     for t in tasks:
-      batch.update(t.loader.batch(s))
+      b = t.loader.batch(s)
+      batch["groups"].update(b["groups"])
+      batch["inputs"].update(b["inputs"])
     state, m = runner.step(state, batch)
     losses_.append(float(m["loss"]))
   return losses_, jax.tree.map(np.asarray, runner.get_state(state).params)
@@ -256,7 +259,7 @@ def test_domain_adaptation_configs_smoke(tiny_beir, tmp_path):
   rc = main(["train", "--config", f"{REPO}/configs/scifact_mlm.py:smoke", "--workdir",
              str(tmp_path / "mlm"), f"--config.data.dataset={tiny_beir}"])
   assert rc == 0 and (tmp_path / "mlm" / "export_mlm" / "model.safetensors").exists()
-  after = json.loads((tmp_path / "mlm" / "mlm_after.json").read_text())["mlm"]
+  after = json.loads((tmp_path / "mlm" / "mlm.json").read_text())["mlm"]
   assert after["mlm_heldout_tokens"] > 0
   if data_root() is None or not (data_root() / "sts" / "stsb").exists():
     pytest.skip("no ../shared/data for the STS-B and SNLI tasks")

@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from embed_jax import optim as O
 from embed_jax import train as T
+from embed_jax.checkpoint import checkpoint_manager, params_are_finite, restore_checkpoint
 from embed_jax.models import SentenceEncoder
+from embed_jax.objective import build_objective
 from embed_jax.testing import init_params, tiny_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,28 +36,33 @@ def set_fields(c, changes: dict):
 def smoke_config(dataset, **changes):
   c = scifact_mnrl.get_config("smoke")
   c.data.dataset = str(dataset)
-  c.evals.test_at_end = True
+  c.evals.test.at_end = True
   return set_fields(c, changes)
+
+
+def text_group(rng, *shape, vocab=100):
+  """{"ids", "mask"} of random texts of random lengths (>= 2 tokens)."""
+  ids = rng.integers(5, vocab, shape).astype(np.int32)
+  lengths = rng.integers(2, shape[-1] + 1, shape[:-1])
+  mask = (np.arange(shape[-1]) < lengths[..., None]).astype(np.int32)
+  return {"ids": ids * mask, "mask": mask}
 
 
 def synthetic_batch(b=16, n=1, lq=8, ld=16, seed=0, vocab=100):
   rng = np.random.default_rng(seed)
-  def text(*shape):
-    ids = rng.integers(5, vocab, shape).astype(np.int32)
-    lengths = rng.integers(2, shape[-1] + 1, shape[:-1])
-    mask = (np.arange(shape[-1]) < lengths[..., None]).astype(np.int32)
-    return ids * mask, mask
-  batch = {}
-  batch["q_ids_BxLq"], batch["q_mask_BxLq"] = text(b, lq)
-  batch["p_ids_BxLd"], batch["p_mask_BxLd"] = text(b, ld)
+  groups = {"q": text_group(rng, b, lq, vocab=vocab), "p": text_group(rng, b, ld, vocab=vocab)}
   if n:
-    batch["n_ids_BxNxLd"], batch["n_mask_BxNxLd"] = text(b, n, ld)
-  batch["query_B"] = np.arange(b, dtype=np.int32)
-  batch["pos_doc_B"] = np.arange(b, dtype=np.int32)
-  batch["pos_doc_B"][3] = batch["pos_doc_B"][5]  # a duplicate positive
-  batch["neg_doc_BxN"] = (100 + np.arange(b * n, dtype=np.int32)).reshape(b, n)
-  batch["valid_B"] = np.arange(b) < b - 2  # a padded final batch
-  return batch
+    groups["n"] = text_group(rng, b, n, ld, vocab=vocab)
+  pairs = {"q_ids_B": np.arange(b, dtype=np.int32), "p_ids_B": np.arange(b, dtype=np.int32),
+           "neg_ids_BxN": (100 + np.arange(b * n, dtype=np.int32)).reshape(b, n),
+           "valid_B": np.arange(b) < b - 2}  # a padded final batch
+  pairs["p_ids_B"][3] = pairs["p_ids_B"][5]  # a duplicate positive
+  return {"groups": groups, "inputs": {"pairs": pairs}}
+
+
+def make_step(cfg, c, tx, schedule, axis=None, tasks=()):
+  """The train step of config `c` on the tiny model `cfg` (with `tasks`' terms)."""
+  return T.make_train_step(SentenceEncoder(cfg), build_objective(c, tasks), c, tx, schedule, axis)
 
 
 def _setup(grad_cache_chunk=0, runner="jit", symmetric=True):
@@ -66,13 +74,13 @@ def _setup(grad_cache_chunk=0, runner="jit", symmetric=True):
   c.train.runner = runner
   tx, schedule = T.make_optimizer(c.optim, total_steps=10)
   state = T.init_state(init_params(cfg), tx, seed=0)
-  return SentenceEncoder(cfg), c, tx, schedule, state
+  return cfg, c, tx, schedule, state
 
 
 def _run(runner_name, devices, chunk=0, steps=2):
-  module, c, tx, schedule, state = _setup(chunk, runner_name)
+  cfg, c, tx, schedule, state = _setup(chunk, runner_name)
   axis = "batch" if runner_name == "pmap" else None
-  runner = T.make_runner(runner_name, T.make_train_step(module, c, tx, schedule, axis), devices)
+  runner = T.make_runner(runner_name, make_step(cfg, c, tx, schedule, axis), devices)
   state = runner.put_state(state)
   losses = []
   for s in range(steps):
@@ -109,7 +117,7 @@ def test_grad_cache_reuses_dropout_keys():
   out = []
   for chunk in (0, 16):
     c.train.grad_cache_chunk = chunk
-    step = jax.jit(T.make_train_step(SentenceEncoder(cfg), c, tx, schedule))
+    step = jax.jit(make_step(cfg, c, tx, schedule))
     out.append(step(state, synthetic_batch())[1]["grad_norm"])
   # Each chunk draws its own dropout masks (fold_in(rng, chunk)); the plain step is chunk 0.
   np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
@@ -127,10 +135,10 @@ def test_frozen_parameters_never_move_and_the_rest_train_as_before(chunk):
   params = init_params(cfg)
   tx, schedule = T.make_optimizer(c.optim, total_steps=10)
   state = T.init_state(params, tx, seed=0)
-  step = jax.jit(T.make_train_step(SentenceEncoder(cfg), c, tx, schedule))
+  step = jax.jit(make_step(cfg, c, tx, schedule))
   for s in range(2):
     state, m = step(state, synthetic_batch(seed=s))
-  frozen = T.frozen_mask(params, c.optim.freeze)
+  frozen = O.frozen_mask(params, c.optim.freeze)
   moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params,
                        state.params)
   flat = jax.tree_util.tree_flatten_with_path(moved)[0]
@@ -143,7 +151,7 @@ def test_frozen_parameters_never_move_and_the_rest_train_as_before(chunk):
   # The trainable leaves see the same gradient as with nothing frozen (the loss is unchanged).
   c.optim.freeze = ""
   tx0, _ = T.make_optimizer(c.optim, total_steps=10)
-  _, m0 = jax.jit(T.make_train_step(SentenceEncoder(cfg), c, tx0, schedule))(
+  _, m0 = jax.jit(make_step(cfg, c, tx0, schedule))(
       T.init_state(params, tx0, seed=0), synthetic_batch(seed=0))
   state1, m1 = step(T.init_state(params, tx, seed=0), synthetic_batch(seed=0))
   np.testing.assert_allclose(m1["loss"], m0["loss"], rtol=1e-6)
@@ -162,12 +170,12 @@ def test_head_lr_sets_the_peak_rate_outside_the_encoder():
   tx, schedule = T.make_optimizer(o, total_steps=10)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
   updates, _ = tx.update(grads, tx.init(params), params)
-  labels = T.param_labels(params, o)
+  labels = O.param_labels(params, o)
   for (path, u), label in zip(jax.tree_util.tree_flatten_with_path(updates)[0],
                               jax.tree.leaves(labels)):
     want = {"frozen": 0.0, "train": o.lr, "head": o.head_lr}[label]
     np.testing.assert_allclose(np.abs(np.asarray(u)).max(), want, rtol=1e-3,
-                               err_msg=T.param_path(path))
+                               err_msg=O.param_path(path))
   assert set(jax.tree.leaves(labels)) == {"frozen", "train", "head"}
   np.testing.assert_allclose(float(schedule(0)), o.lr, rtol=1e-6)  # the logged rate: the encoder's
 
@@ -176,7 +184,7 @@ def test_head_lr_sets_the_peak_rate_outside_the_encoder():
     ("dense/.*", "matches no parameter"), (".*", "freezes every parameter")])
 def test_freeze_patterns_that_match_nothing_or_everything_are_refused(pattern, message):
   with pytest.raises(ValueError, match=message):
-    T.check_freeze(init_params(tiny_config()), pattern)
+    O.check_freeze(init_params(tiny_config()), pattern)
 
 
 def test_smoke_run_exports_and_resumes_exactly(tiny_beir, tmp_path):
@@ -204,6 +212,10 @@ def test_smoke_run_exports_and_resumes_exactly(tiny_beir, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"loss.name": "hinge"}, "loss.name"),
+    ({"loss.name": "cosent"}, r"CoSENT needs graded pairs: a task"),
+    ({"evals.dev.every": -1}, r"evals.dev.every=-1 must be >= 0"),
+    ({"evals.test.precisions": ("float32", "int4")}, r"evals.test.precisions \['int4'\]"),
+    ({"export": "best"}, "export='best' needs evals.dev.every > 0"),
     ({"optim.lr": 0.0}, "optim.lr"),
     ({"batch_size": 7}, "multiple of the 8 devices"),
     ({"init": "/no/such/folder"}, "init='/no/such/folder' does not exist"),
@@ -219,15 +231,25 @@ def test_bad_config_is_refused_before_compute(change, message, tmp_path):
 
 
 def test_non_finite_loss_stops_with_step_and_checkpoint(tiny_beir, tmp_path):
-  c = smoke_config(tiny_beir, **{"optim.lr": 1e30, "optim.warmup_ratio": 0.0, "max_steps": 6})
-  with pytest.raises(T.TrainingError, match=r"non-finite loss .* at step \d+; last good checkpoint"):
+  """lr 1e30 after a warmup step at lr 0: the checkpoint after that step is finite, the next
+  steps' params blow up and their loss turns non-finite. The run stops naming the step and the
+  last good checkpoint, which exists and holds finite params; no later checkpoint was saved."""
+  c = smoke_config(tiny_beir, **{"optim.lr": 1e30, "optim.warmup_ratio": 0.5, "max_steps": 6,
+                                 "checkpoint.every_steps": 1})
+  with pytest.raises(T.TrainingError) as err:
     T.train(c, tmp_path / "nan")
-  # No checkpoint holds non-finite params.
-  from embed_jax.train import checkpoint_manager, params_are_finite, restore_checkpoint
-  mngr = checkpoint_manager(tmp_path / "nan", c)
+  import re
+  found = re.search(r"non-finite loss \S+ at step (\d+); last good checkpoint: step (\d+) in ",
+                    str(err.value))
+  assert found, str(err.value)
+  bad_step, good = int(found[1]), int(found[2])
+  mngr = checkpoint_manager(tmp_path / "nan", c.checkpoint.keep)
+  assert good in mngr.all_steps() and max(mngr.all_steps()) == good <= bad_step
+  template = T.init_state(init_params(tiny_config()), T.make_optimizer(c.optim, 6)[0], 0)
   for step in mngr.all_steps():
-    state, _ = restore_checkpoint(mngr, T.init_state(init_params(tiny_config()), T.make_optimizer(c.optim, 6)[0], 0), step)
+    state, _ = restore_checkpoint(mngr, template, step)
     assert params_are_finite(state.params)
+  assert not params_are_finite({"x": np.array([1.0, np.nan])})  # the check can fail
 
 
 def test_hardneg_smoke_mines_then_trains_from_the_cli(tiny_beir, tmp_path, capsys):
@@ -237,7 +259,7 @@ def test_hardneg_smoke_mines_then_trains_from_the_cli(tiny_beir, tmp_path, capsy
   rc = main(["train", "--config", f"{repo}/configs/scifact_hardneg.py:smoke", "--workdir",
              str(tmp_path / "run"), f"--config.data.dataset={tiny_beir}",
              f"--config.data.negatives={negs}", "--config.data.mine.skip_top=0",
-             "--config.data.mine.margin=-1.0", "--config.evals.test_at_start=True"])
+             "--config.data.mine.margin=-1.0", "--config.evals.test.at_start=True"])
   out, err = capsys.readouterr()
   assert rc == 0, err
   assert "test nDCG@10 of tiny-random-bert: before" in out
@@ -258,7 +280,7 @@ def test_run_killed_by_sigkill_resumes_to_the_same_params_and_metrics(tiny_beir,
   import subprocess
   import time
   repo = Path(__file__).resolve().parents[1]
-  overrides = {"max_steps": 40, "checkpoint.every_steps": 2, "evals.test_at_end": False}
+  overrides = {"max_steps": 40, "checkpoint.every_steps": 2, "evals.test.at_end": False}
   workdir = tmp_path / "killed"
   cmd = [sys.executable, "-m", "embed_jax.cli", "train", "--config",
          f"{repo}/configs/scifact_mnrl.py:smoke", "--workdir", str(workdir),
@@ -274,8 +296,7 @@ def test_run_killed_by_sigkill_resumes_to_the_same_params_and_metrics(tiny_beir,
   assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  from embed_jax.train import checkpoint_manager
-  killed_at = checkpoint_manager(workdir, smoke_config(tiny_beir)).latest_step()
+  killed_at = checkpoint_manager(workdir).latest_step()
   assert killed_at is not None and killed_at < 40
 
   resumed = T.train(smoke_config(tiny_beir, **overrides), workdir)
@@ -293,7 +314,7 @@ def test_run_killed_by_sigkill_resumes_to_the_same_params_and_metrics(tiny_beir,
 def test_export_best_survives_keep_k_and_equals_the_best_step(tiny_beir, tmp_path):
   """export='best' with keep=1: the best dev step's checkpoint is deleted by later saves, yet the
   export holds exactly its params."""
-  over = {"data.dev_fraction": 0.4, "evals.dev_every_steps": 2, "export": "best",
+  over = {"data.dev_fraction": 0.4, "evals.dev.every": 2, "export": "best",
           "checkpoint.keep": 1, "max_steps": 8, "optim.lr": 3e-3}
   out = T.train(smoke_config(tiny_beir, **over), tmp_path / "run")
   dev = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -302,9 +323,8 @@ def test_export_best_survives_keep_k_and_equals_the_best_step(tiny_beir, tmp_pat
   # The params at best_step, from a run stopped there (same schedule: stop_after, not max_steps).
   T.train(smoke_config(tiny_beir, **over), tmp_path / "upto", stop_after=best_step)
   from embed_jax import hf
-  from embed_jax.train import checkpoint_manager, restore_checkpoint
   c = smoke_config(tiny_beir, **over)
-  mngr = checkpoint_manager(tmp_path / "upto", c)
+  mngr = checkpoint_manager(tmp_path / "upto", c.checkpoint.keep)
   assert mngr.latest_step() == best_step
   template = T.init_state(init_params(tiny_config()), T.make_optimizer(c.optim, 8)[0], 0)
   state, meta = restore_checkpoint(mngr, template)

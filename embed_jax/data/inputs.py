@@ -1,17 +1,66 @@
 """The batches of a training run, from its config: labelled pairs (with mined hard negatives and
-teacher vectors), unlabelled texts (with self-distillation targets and teacher vectors), and the
-teacher store they read, checked before any compute."""
+teacher vectors), unlabelled texts (with self-distillation targets and teacher vectors), each
+extra task's, and the teacher store they read, checked before any compute.
+
+    data = build(config, model_config, tokenizer, start_embedder, workdir)
+    batch = data.loader.batch(step)   # {"groups": ..., "inputs": ...} (embed_jax.objective)
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from embed_jax.embedder import Embedder, tokenize_texts
+from embed_jax.objective import uses_pairs, uses_unlabelled
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RunData:
+  dataset: object  # the BEIR dataset (embed_jax.data.beir)
+  loader: object  # batch(step) -> a batch; steps_per_epoch
+  dev_qrels: dict | None  # the dev queries' qrels (data.dev_split or carved from train)
+  tasks: list  # embed_jax.tasks.Task
+  store: object | None  # the teacher store (embed_jax.data.teacher)
+
+
+def build(config, model_config, tokenizer, start: Embedder, workdir: Path) -> RunData:
+  """Every loader the config asks for, combined into one: the labelled pairs and the unlabelled
+  texts merged into each step, then the tasks, every one each step (task_sampling="all") or one
+  a step. `start` (the starting model) mines hard negatives and encodes self-distillation
+  targets when the config asks for them."""
+  from embed_jax.data import load_beir
+  from embed_jax.data.pairs import MergedLoader
+  from embed_jax.tasks import SampledLoader, build_tasks
+  dataset = load_beir(config.data.dataset, data_dir=config.data.data_dir or None)
+  store = None
+  if config.distill.store:  # checked against every text the run may read, before any compute
+    from embed_jax.data.teacher import dataset_texts
+    kinds = set(config.unlabelled.texts.split("+")) if uses_unlabelled(config) else set()
+    if uses_pairs(config):
+      kinds |= {"corpus", "queries"}
+    store = open_teacher(config, dataset, *dataset_texts(dataset, sorted(kinds)))
+  main, dev_qrels = [], None
+  if uses_pairs(config):
+    mine_if_missing(config, dataset, start)
+    pairs, dev_qrels = load_data(config, dataset, tokenizer, model_config, store)
+    main.append(pairs)
+  if uses_unlabelled(config):
+    main.append(unlabelled_loader(config, dataset, tokenizer, model_config, start, workdir, store))
+  main = [MergedLoader(*main)] if len(main) > 1 else main
+  tasks = build_tasks(config, tokenizer, model_config, dataset)
+  loaders = main + [t.loader for t in tasks]
+  if len(loaders) == 1 or config.task_sampling == "all":
+    loader = loaders[0] if len(loaders) == 1 else MergedLoader(*loaders)
+  else:
+    loader = SampledLoader(loaders, [1.0] * len(main) + [t.cfg.weight for t in tasks],
+                           config.task_sampling, config.seed)
+  return RunData(dataset, loader, dev_qrels, tasks, store)
 
 
 def open_teacher(config, dataset, needed_ids: list[str], needed_texts: list[str]):
@@ -44,7 +93,7 @@ def unlabelled_loader(config, dataset, tokenizer, model_config, start: Embedder,
       extras["target_BxD"] = np.load(path)
     else:
       log.info("encoding %d texts with the starting model (self-distillation targets)", len(texts))
-      targets = start.encode(texts, batch_size=config.evals.batch_size, normalize=True)
+      targets = start.encode(texts, batch_size=config.encode_batch_size, normalize=True)
       atomic_write(path, lambda f: np.save(f, targets))
       extras["target_BxD"] = targets
   if store is not None and (config.distill.embedding > 0 or config.distill.scores > 0):
@@ -66,7 +115,7 @@ def mine_if_missing(config, dataset, embedder: Embedder) -> None:
   rows = mine_hard_negatives(embedder, dataset, config.data.train_split, top_k=m.top_k,
                              skip_top=m.skip_top, margin=m.margin, num_negatives=m.num_negatives,
                              sampling=m.sampling, seed=config.seed,
-                             batch_size=config.evals.batch_size)
+                             batch_size=config.encode_batch_size)
   write_negatives(rows, path)
 
 

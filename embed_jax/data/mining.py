@@ -29,6 +29,7 @@ import numpy as np
 from embed_jax import evaluate
 from embed_jax.checkpoint import atomic_write
 from embed_jax.data.beir import load_beir
+from embed_jax.models.pooling import l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def mine_hard_negatives(model, dataset, split: str = "train", *, top_k: int = 10
   index = evaluate.Float32()
   index.index(docs_NxD)
   scores_QxK, indices_QxK = index.search(queries_QxD, top_k)
-  q_unit_QxD = evaluate.unit(queries_QxD).astype(np.float32)
+  q_unit_QxD = l2_normalize(queries_QxD).astype(np.float32)
 
   positive_scores = []
   for q, rows in enumerate(positive_rows):
@@ -310,42 +311,6 @@ def read_negatives(path: str | os.PathLike, dataset=None) -> dict[str, list[str]
 # ----------------------------------------------------------------------------------------------
 # ---- CLI: embed-jax mine ----
 # ----------------------------------------------------------------------------------------------
-
-
-def _margin(text: str) -> float | None:
-  if text.strip().lower() == "none":
-    return None
-  try:
-    return float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
-
-
-def add_mine_parser(subparsers) -> argparse.ArgumentParser:
-  """Adds `mine` to an argparse subparsers object; returns its parser."""
-  m = subparsers.add_parser("mine", help="hard negatives for a BEIR split (JSONL + .meta.json)")
-  m.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
-                 help="local folder or hub id")
-  m.add_argument("--dataset", default="scifact",
-                 help="a BEIR name (under $EMBED_JAX_DATA/beir, or downloaded) or a folder/zip")
-  m.add_argument("--split", default="train", help="qrels split whose queries get negatives")
-  m.add_argument("--out", required=True,
-                 help="output .jsonl (settings go to <out>.meta.json; folders are created)")
-  m.add_argument("--top_k", type=int, default=100,
-                 help="documents retrieved per query, positives included")
-  m.add_argument("--skip_top", type=int, default=0,
-                 help="drop this many best non-positive documents (likely unlabelled positives)")
-  m.add_argument("--margin", type=_margin, default=0.0,
-                 help="drop candidates scoring >= lowest positive score - margin ('none': off)")
-  m.add_argument("--num_negatives", type=int, default=5, help="negatives per query (at most)")
-  m.add_argument("--sampling", choices=SAMPLING, default="random",
-                 help="the best remaining candidates, or a uniform sample of them")
-  m.add_argument("--seed", type=int, default=0, help="for --sampling random")
-  m.add_argument("--batch_size", type=int, default=64, help="encoding batch size")
-  m.add_argument("--data_dir", default=None,
-                 help="TFDS cache folder (default ~/.cache/embed_jax/tfds)")
-  m.set_defaults(func=cmd_mine)
-  return m
 
 
 def cmd_mine(args: argparse.Namespace) -> None:

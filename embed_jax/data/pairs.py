@@ -57,13 +57,11 @@ def build_pairs(dataset, split: str, *, query_subset: Sequence[str] | None = Non
 
 
 class PairLoader:
-  """batch(step) -> dict of numpy arrays with static shapes (per length bucket).
-
-  Keys: q_ids_BxLq, q_mask_BxLq, p_ids_BxLd, p_mask_BxLd, [n_ids_BxNxLd, n_mask_BxNxLd],
-  query_B (query index, for masking a query's other positives), pos_doc_B, neg_doc_BxN (doc
-  indices, -1 = padding, for duplicate masking) and valid_B; with teacher vectors (rows aligned
-  with `pairs.query_ids` and `pairs.doc_ids`), also q_teacher_BxT, p_teacher_BxT and
-  n_teacher_BxNxT.
+  """batch(step) -> a batch (embed_jax.objective) of numpy arrays with static shapes (per length
+  bucket): text groups q [B, Lq], p [B, Ld] and, with negatives, n [B, N, Ld]; inputs "pairs":
+  valid_B, q_ids_B (query index, for masking a query's other positives), p_ids_B, neg_ids_BxN
+  (doc indices, -1 = padding, for duplicate masking) and, with teacher vectors (rows aligned with
+  `pairs.query_ids` and `pairs.doc_ids`), q_teacher_BxT, p_teacher_BxT and n_teacher_BxNxT.
   """
 
   def __init__(self, pairs: Pairs, q_tokens: list[list[int]], d_tokens: list[list[int]], *,
@@ -96,7 +94,7 @@ class PairLoader:
       ids[r, :len(s)], mask[r, :len(s)] = s, 1
     return ids, mask
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
+  def batch(self, step: int) -> dict:
     epoch, i = divmod(step, self.steps_per_epoch)
     rows = self._order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
     b, n = self.batch_size, self.num_negatives
@@ -120,37 +118,37 @@ class PairLoader:
     n_tok = [self.d_tokens[d] if d >= 0 else p_tok[0] for d in neg_BxN.reshape(-1)]
     lq = bucket_for(max(map(len, q_tok)), self.q_buckets)
     ld = bucket_for(max(map(len, p_tok + n_tok)), self.d_buckets)
-    out = {}
-    out["q_ids_BxLq"], out["q_mask_BxLq"] = self._pad(q_tok, lq)
-    out["p_ids_BxLd"], out["p_mask_BxLd"] = self._pad(p_tok, ld)
+    groups = {"q": dict(zip(("ids", "mask"), self._pad(q_tok, lq))),
+              "p": dict(zip(("ids", "mask"), self._pad(p_tok, ld)))}
     if n:
       ids, mask = self._pad(n_tok, ld)
-      out["n_ids_BxNxLd"], out["n_mask_BxNxLd"] = ids.reshape(b, n, ld), mask.reshape(b, n, ld)
-    out.update(query_B=query_B, pos_doc_B=pos_B, neg_doc_BxN=neg_BxN, valid_B=valid)
+      groups["n"] = {"ids": ids.reshape(b, n, ld), "mask": mask.reshape(b, n, ld)}
+    inputs = {"valid_B": valid, "q_ids_B": query_B, "p_ids_B": pos_B, "neg_ids_BxN": neg_BxN}
     if self.teacher_q is not None:  # padding rows repeat row 0, as their texts do
       row = lambda idx: np.where(idx >= 0, idx, idx[0] if idx[0] >= 0 else 0)  # noqa: E731
-      out["q_teacher_BxT"] = self.teacher_q[row(query_B)].astype(np.float32)
-      out["p_teacher_BxT"] = self.teacher_d[row(pos_B)].astype(np.float32)
+      inputs["q_teacher_BxT"] = self.teacher_q[row(query_B)].astype(np.float32)
+      inputs["p_teacher_BxT"] = self.teacher_d[row(pos_B)].astype(np.float32)
       if n:
         neg = np.where(neg_BxN >= 0, neg_BxN, pos_B[0])
-        out["n_teacher_BxNxT"] = self.teacher_d[neg].astype(np.float32)
-    return out
+        inputs["n_teacher_BxNxT"] = self.teacher_d[neg].astype(np.float32)
+    return {"groups": groups, "inputs": {"pairs": inputs}}
 
 
 class TupleLoader:
-  """batch(step) -> fixed-shape batches of rows of texts: for each column `g`, g_ids_BxL and
-  g_mask_BxL (and g_words_BxL, each token's word index in its row, when `words` flags WordPiece
-  continuations), `valid_key` marking real rows, and each `arrays` entry's rows.
+  """batch(step) -> fixed-shape batches of rows of texts (embed_jax.objective): each column is a
+  text group {"ids": [B, L], "mask": [B, L]} (and "words", each token's word index in its row,
+  when `continuation` flags WordPiece continuations); inputs[source] holds valid_B, marking real
+  rows, and each `arrays` entry's rows.
 
   An epoch is a (seed, epoch, salt) permutation of the rows; the final partial batch is padded
-  with the first row and masked (`valid_key`), or dropped with `drop_last`. The batch of a step is
+  with the first row and masked (valid_B), or dropped with `drop_last`. The batch of a step is
   a function of the step alone.
   """
 
-  def __init__(self, columns: dict[str, list[list[int]]], *, batch_size: int, seed: int,
-               max_len: int, pad_id: int = 0, arrays: dict[str, np.ndarray] | None = None,
-               valid_key: str = "valid_B", salt: int = 0, drop_last: bool = False,
-               continuation: dict[str, list[list[bool]]] | None = None):
+  def __init__(self, columns: dict[str, list[list[int]]], *, source: str, batch_size: int,
+               seed: int, max_len: int, pad_id: int = 0,
+               arrays: dict[str, np.ndarray] | None = None, salt: int = 0,
+               drop_last: bool = False, continuation: dict[str, list[list[bool]]] | None = None):
     n = len(next(iter(columns.values())))
     if any(len(c) != n for c in columns.values()):
       raise ValueError("every column needs one token list per row")
@@ -160,18 +158,18 @@ class TupleLoader:
     if n < (batch_size if drop_last else 1):
       raise ValueError(f"{n} rows do not fill one batch of {batch_size}")
     self.columns, self.arrays, self.n = columns, dict(arrays or {}), n
-    self.batch_size, self.seed, self.salt, self.valid_key = batch_size, seed, salt, valid_key
+    self.batch_size, self.seed, self.salt, self.source = batch_size, seed, salt, source
     self.buckets, self.pad_id = length_buckets(max_len), pad_id
     self.continuation = continuation or {}
     self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
+  def batch(self, step: int) -> dict:
     epoch, i = divmod(step, self.steps_per_epoch)
     order = np.random.default_rng([self.seed, epoch, self.salt]).permutation(self.n)
     rows = order[i * self.batch_size:(i + 1) * self.batch_size]
     valid = np.arange(self.batch_size) < len(rows)
     rows = np.concatenate([rows, np.full(self.batch_size - len(rows), rows[0])]).astype(np.int64)
-    out = {self.valid_key: valid}
+    groups, inputs = {}, {"valid_B": valid}
     for name, tokens in self.columns.items():
       seqs = [tokens[r] for r in rows]
       length = bucket_for(max(map(len, seqs)), self.buckets)
@@ -179,40 +177,45 @@ class TupleLoader:
       mask = np.zeros((len(seqs), length), np.int32)
       for r, seq in enumerate(seqs):
         ids[r, :len(seq)], mask[r, :len(seq)] = seq, 1
-      out[f"{name}_ids_BxL"], out[f"{name}_mask_BxL"] = ids, mask
+      groups[name] = {"ids": ids, "mask": mask}
       if name in self.continuation:
         words = np.zeros((len(seqs), length), np.int32)
         for r, row in enumerate(rows):
           cont = np.asarray(self.continuation[name][row], bool)
           words[r, :len(cont)] = np.cumsum(~cont) - 1
-        out[f"{name}_words_BxL"] = words
+        groups[name]["words"] = words
     for name, values in self.arrays.items():
-      out[name] = np.asarray(values[rows])
-    return out
+      inputs[name] = np.asarray(values[rows])
+    return {"groups": groups, "inputs": {self.source: inputs}}
 
 
 def TextLoader(tokens: list[list[int]], *, batch_size: int, seed: int, max_len: int,
                pad_id: int = 0, extras: dict[str, np.ndarray] | None = None) -> TupleLoader:
-  """Unlabelled texts (group u): u_ids_BxLu, u_mask_BxLu, u_valid_B, and for each `extras` entry
-  (a row per text, e.g. a frozen model's or a teacher's embeddings) u_<name> with the batch's
-  rows. Always full batches (the remainder waits for the next epoch's order)."""
+  """Unlabelled texts: text group u; inputs "u" with valid_B and each `extras` entry (a row per
+  text, e.g. a frozen model's or a teacher's embeddings) with the batch's rows. Always full
+  batches (the remainder waits for the next epoch's order)."""
   if len(tokens) < batch_size:
     raise ValueError(f"{len(tokens)} unlabelled texts do not fill one batch of {batch_size}")
-  loader = TupleLoader({"u": tokens}, batch_size=batch_size, seed=seed, max_len=max_len,
-                       pad_id=pad_id, valid_key="u_valid_B", salt=2, drop_last=True,
-                       arrays={f"u_{k}": np.asarray(v, np.float32) for k, v in (extras or {}).items()})
-  return loader
+  return TupleLoader({"u": tokens}, source="u", batch_size=batch_size, seed=seed,
+                     max_len=max_len, pad_id=pad_id, salt=2, drop_last=True,
+                     arrays={k: np.asarray(v, np.float32) for k, v in (extras or {}).items()})
 
 
 class MergedLoader:
-  """The batches of several loaders merged into one dict; epochs count the first loader's."""
+  """The batches of several loaders (their groups and inputs) merged into one; epochs count the
+  first loader's."""
 
   def __init__(self, *loaders):
     self.loaders = loaders
     self.steps_per_epoch = loaders[0].steps_per_epoch
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    out = {}
+  def batch(self, step: int) -> dict:
+    out = {"groups": {}, "inputs": {}}
     for loader in self.loaders:
-      out.update(loader.batch(step))
+      b = loader.batch(step)
+      for part in out:
+        clash = out[part].keys() & b[part].keys()
+        if clash:
+          raise ValueError(f"two loaders fill {part} {sorted(clash)}")
+        out[part].update(b[part])
     return out

@@ -105,3 +105,23 @@ def mlm_rows(module, params, ids_BxL, mask_BxL, rng, spec: MaskingSpec, *, deter
   chosen = chosen_BxK.astype(jnp.float32)
   return jnp.stack([jnp.sum(ce_BxK * chosen, 1), jnp.sum(chosen, 1),
                     jnp.sum(correct_BxK * chosen, 1)], axis=1)
+
+
+class MaskedLM:
+  """The head of an MLM task's text group (embed_jax.objective): masks the texts in the step and
+  returns `mlm_rows`' per-row sums, which gradient caching and both runners treat like a
+  representation's outputs."""
+
+  def __init__(self, spec: MaskingSpec):
+    self.spec = spec
+
+  def embed(self, module, params, group: dict, *, train: bool, dropout_rng, mask_rng,
+            row_offset=0):
+    """[B, 3] rows of a group {"ids", "mask"[, "words"]}; row r's masks come from
+    fold_in(mask_rng, row_offset + r), its global index, so any split of the batch masks alike."""
+    return mlm_rows(module, params, group["ids"], group["mask"], mask_rng, self.spec,
+                    deterministic=not train, dropout_rng=dropout_rng,
+                    words_BxL=group.get("words"), row_offset=row_offset)
+
+  def at_layer(self, rows_Bx3, index: int):
+    return rows_Bx3  # no layer axis

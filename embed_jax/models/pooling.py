@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def pool(hidden_BxLxD: jnp.ndarray, mask_BxL: jnp.ndarray, modes: tuple[str, ...]) -> jnp.ndarray:
@@ -27,7 +29,17 @@ def pool(hidden_BxLxD: jnp.ndarray, mask_BxL: jnp.ndarray, modes: tuple[str, ...
   return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=-1)
 
 
-def l2_normalize(x_BxD: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
-  """x / max(||x||, eps), as torch.nn.functional.normalize (the Normalize module)."""
-  norm_Bx1 = jnp.linalg.norm(x_BxD, axis=-1, keepdims=True)
-  return x_BxD / jnp.maximum(norm_Bx1, eps)
+def l2_normalize(x_NxD, eps: float = 1e-12):
+  """x / max(|x|, eps) over the last axis, as torch's F.normalize (sentence-transformers'
+  Normalize module): the project's one L2 normaliser, for numpy and for JAX arrays.
+
+  JAX arrays (in the model and the losses) are computed in float32 as x * rsqrt(max(|x|^2,
+  eps^2)): differentiating |x| itself at a zero row gives NaN, this keeps the gradient finite
+  (large, 1/eps, as torch's). numpy arrays (search, evaluation) are divided by the clamped norm
+  in their own dtype.
+  """
+  if isinstance(x_NxD, np.ndarray):
+    return x_NxD / np.maximum(np.linalg.norm(x_NxD, axis=-1, keepdims=True), eps)
+  x_NxD = jnp.asarray(x_NxD, jnp.float32)
+  sq_Nx1 = jnp.sum(x_NxD * x_NxD, axis=-1, keepdims=True)
+  return x_NxD * jax.lax.rsqrt(jnp.maximum(sq_Nx1, eps * eps))

@@ -1,0 +1,186 @@
+"""Parameter surgery: heads added to a loaded model before training, and their initialisations.
+
+    model_config, params = add_projection(model_config, params, 64, "prefix", seed=0)
+    params = add_mlm_head(params, SentenceEncoder(model_config), seed=0)
+    params = add_distill_projection(params, 384, 768, seed=0, kernel=lstsq_map(s_NxS, t_NxT))
+
+A projection is a sentence-transformers Dense module (exported as 2_Dense); the MLM head is BERT's
+`cls.predictions` (exported by checkpoint.export_mlm); the distillation projection maps the
+student's embedding into the teacher's space during training only and is never exported.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from embed_jax import hf
+from embed_jax.checkpoint import atomic_write
+from embed_jax.embedder import Embedder, load_tokenizer
+from embed_jax.models import SentenceEncoder
+
+log = logging.getLogger(__name__)
+
+DISTILL_PROJECTION = "distill_projection"  # a training-only params key (never exported)
+
+
+def add_projection(model_config, params, dim: int, init: str, seed: int, kernel=None):
+  """A linear Dense head (pooled -> dim) on a model without one: `kernel` when given (e.g.
+  principal axes), else `prefix` starts it as the truncation to the first `dim` dims (identity
+  columns), `random` as N(0, 1/pooled_dim). -> (model_config, params)"""
+  pooled = model_config.pooled_dim
+  if kernel is not None:
+    kernel = np.asarray(kernel, np.float32)
+    if kernel.shape != (pooled, dim):
+      raise ValueError(f"projection kernel has shape {kernel.shape}, expected {(pooled, dim)}")
+  elif init in ("prefix", "pca"):
+    if dim > pooled:
+      raise ValueError(f"bad config: projection.init={init!r} needs projection.dim <= {pooled}")
+    kernel = np.eye(pooled, dim, dtype=np.float32)
+  else:
+    kernel = np.random.default_rng(seed).normal(0, pooled ** -0.5, (pooled, dim)).astype(np.float32)
+  params = {**params, "dense": {"kernel": kernel, "bias": np.zeros(dim, np.float32)}}
+  return model_config.replace(dense_features=dim, dense_activation="identity", dense_bias=True), params
+
+
+def principal_axes(x_NxD: np.ndarray) -> np.ndarray:
+  """[D, D]: the principal axes of the (centred) rows as columns, largest variance first. An
+  orthogonal matrix: rotating embeddings by it keeps every cosine, and puts the most variance a
+  linear map to d dims can keep into the first d."""
+  centred_NxD = np.asarray(x_NxD, np.float64)
+  centred_NxD = centred_NxD - centred_NxD.mean(0)
+  _, axes_DxD = np.linalg.eigh(centred_NxD.T @ centred_NxD)  # ascending eigenvalues
+  return axes_DxD[:, ::-1]
+
+
+def add_mlm_head(params, module: SentenceEncoder, seed: int):
+  """A freshly initialised MLM head (BERT's initialisation) beside the encoder's params."""
+  ids_1x8 = jnp.zeros((1, 8), jnp.int32)
+  head = module.init(jax.random.key(seed), ids_1x8, ids_1x8, jnp.zeros((1, 2), jnp.int32),
+                     method=SentenceEncoder.mlm_logits)["params"]["mlm_head"]
+  return {**params, "mlm_head": jax.tree.map(np.asarray, head)}
+
+
+def add_distill_projection(params, student_dims: int, teacher_dims: int, seed: int,
+                           kernel: np.ndarray | None = None):
+  """A linear map student -> teacher dims for embedding distillation, trained with the model and
+  never exported (SentenceEncoder ignores the extra key): `kernel` when given (e.g.
+  `lstsq_map`'s), else N(0, 1/student_dims)."""
+  if kernel is None:
+    kernel = np.random.default_rng([seed, 7]).normal(0, student_dims ** -0.5,
+                                                     (student_dims, teacher_dims))
+  if kernel.shape != (student_dims, teacher_dims):
+    raise ValueError(f"distillation projection has shape {kernel.shape}, expected "
+                     f"{(student_dims, teacher_dims)}")
+  return {**params, DISTILL_PROJECTION: {"kernel": np.asarray(kernel, np.float32)}}
+
+
+def lstsq_map(s_NxS: np.ndarray, t_NxT: np.ndarray) -> np.ndarray:
+  """[S, T] float32: the least-squares map from rows s to rows t, with a little ridge (1e-3 of
+  the mean eigenvalue) for stability. A random distillation projection would leave the student
+  chasing a random rotation of the teacher while the map itself barely moves at the encoder's
+  learning rate; this one starts where the starting student already is."""
+  gram_SxS = s_NxS.T @ s_NxS
+  ridge = 1e-3 * np.trace(gram_SxS) / len(gram_SxS)
+  kernel = np.linalg.solve(gram_SxS + ridge * np.eye(len(gram_SxS)), s_NxS.T @ t_NxT)
+  return kernel.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# A training config's model: the pretrained (or init) weights and the heads the config asks for.
+# ----------------------------------------------------------------------------------------------
+
+
+def load_model(config, workdir: Path):
+  """(ModelConfig, params, tokenizer, source): the pretrained model, a tiny random one (smoke),
+  with `init` weights when given, and the config's projection head."""
+  overrides = dict(dtype=config.dtype, max_seq_length=config.max_seq_length)
+  if config.smoke:
+    from embed_jax.testing import make_tiny_model
+    folder = workdir / "tiny-model"
+    if not (folder / "config.json").exists():
+      make_tiny_model(folder)
+    source = "tiny-random-bert"
+  else:
+    folder, source = hf.resolve(config.model), config.model
+  model_config, params = hf.load(folder, **overrides)
+  if config.init:
+    init_config, params = hf.load(config.init, **overrides)
+    if init_config.replace(hf_config=None) != model_config.replace(hf_config=None):
+      log.warning("init %s has a different config from %s; using the init's", config.init, source)
+      model_config = init_config
+    folder, source = Path(config.init), config.init
+  tokenizer = load_tokenizer(folder)
+  if config.projection.dim and not model_config.dense_features:
+    kernel = None
+    if config.projection.init == "pca":
+      if config.projection.dim > model_config.pooled_dim:
+        raise ValueError(f"bad config: projection.init='pca' needs projection.dim <= "
+                         f"{model_config.pooled_dim}")
+      kernel = cached(workdir / "pca_projection.npy", lambda: pca_kernel(
+          config, Embedder(model_config, params, tokenizer)))
+    model_config, params = add_projection(model_config, params, config.projection.dim,
+                                                config.projection.init, config.seed, kernel=kernel)
+  return model_config, params, tokenizer, source
+
+
+def cached(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
+  """An array fitted once per workdir: read from `path`, else computed and written atomically
+  (a resumed run does not encode again)."""
+  if path.exists():
+    return np.load(path)
+  value = compute()
+  atomic_write(path, lambda f: np.save(f, value), "wb")
+  return value
+
+
+def pca_kernel(config, start: Embedder) -> np.ndarray:
+  """[pooled, projection.dim]: the principal axes of the starting model's unit embeddings of
+  `projection.pca_texts` corpus texts (a seeded sample), largest variance first. At
+  projection.dim = pooled it is a rotation: full-dim cosine scores are unchanged, and each
+  prefix keeps the most variance a linear map to that many dims can."""
+  from embed_jax.data import load_beir
+  texts = load_beir(config.data.dataset, data_dir=config.data.data_dir or None).corpus_texts(" ")
+  take = np.random.default_rng([config.seed, 11]).permutation(len(texts))[:config.projection.pca_texts]
+  log.info("projection.init='pca': fitting on %d corpus texts embedded by the starting model", len(take))
+  x_NxD = start.encode([texts[i] for i in sorted(take)], batch_size=config.encode_batch_size,
+                       normalize=True)
+  return np.ascontiguousarray(principal_axes(x_NxD)[:, :config.projection.dim], np.float32)
+
+
+def distill_projection_kernel(config, data, start: Embedder) -> np.ndarray:
+  """[student dims, teacher dims]: `heads.lstsq_map` from the starting student's unit embeddings
+  to the teacher's stored vectors, over `distill.projection_texts` of the unlabelled texts (a
+  seeded sample)."""
+  from embed_jax.data.teacher import dataset_texts
+  ids, texts = dataset_texts(data.dataset, config.unlabelled.texts.split("+"))
+  take = sorted(np.random.default_rng([config.seed, 13]).permutation(len(ids))
+                [:config.distill.projection_texts])
+  log.info("distill.projection_init='lstsq': fitting on %d texts embedded by the starting model",
+           len(take))
+  s_NxS = start.encode([texts[i] for i in take], batch_size=config.encode_batch_size, normalize=True)
+  t_NxT = np.asarray(data.store.vectors[data.store.rows(ids[i] for i in take)], np.float32)
+  return lstsq_map(s_NxS, t_NxT)
+
+
+def add_training_heads(config, params, module: SentenceEncoder, data, start: Embedder,
+                       workdir: Path):
+  """The heads the objective trains beside the model: an MLM head for MLM tasks (when the model
+  has none), the distillation projection when the teacher's dims differ from the student's."""
+  if any(t.spec is not None for t in data.tasks) and "mlm_head" not in params:
+    params = add_mlm_head(params, module, config.seed)
+    log.info("%s has no MLM head (cls.predictions): initialised one", start.source)
+  dims = module.config.embedding_dim
+  if config.distill.embedding > 0 and data.store.dims != dims:
+    kernel = (cached(workdir / "distill_projection.npy",
+                     lambda: distill_projection_kernel(config, data, start))
+              if config.distill.projection_init == "lstsq" else None)
+    params = add_distill_projection(params, dims, data.store.dims, config.seed, kernel)
+    log.info("embedding distillation through a learned %d -> %d projection (%s init, not "
+             "exported)", dims, data.store.dims, config.distill.projection_init)
+  return params
