@@ -19,6 +19,7 @@ from configs import base, scifact_mnrl
 
 
 def get_config(arg: str | None = None):
+  flags = base.variants(arg, ("lr2e-4", "smoke"), "scifact_distill.py")
   c = scifact_mnrl.get_config()
   c.loss.weight = 0.0  # no labels
   c.unlabelled.texts = "corpus+train_queries"  # 5,183 + 809 texts; the test queries are left out
@@ -31,9 +32,9 @@ def get_config(arg: str | None = None):
   c.distill.scores = 1.0
   c.distill.temperature = 0.05
   c.distill.teacher_temperature = 0.05
-  if arg == "lr2e-4":
+  if "lr2e-4" in flags:
     c.optim.lr = 2e-4
-  elif arg == "smoke":
+  if "smoke" in flags:
     base.apply_smoke(c)
     c.distill.store = ""  # set by the test to a store of a tiny teacher
     c.distill.teacher = ""

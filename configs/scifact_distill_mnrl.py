@@ -12,13 +12,14 @@ from configs import base, scifact_distill, scifact_mnrl
 
 
 def get_config(arg: str | None = None):
+  flags = base.variants(arg, ("smoke",), "scifact_distill_mnrl.py")
   c = scifact_mnrl.get_config()
   d = scifact_distill.get_config()
   c.distill = d.distill
   c.unlabelled.texts = d.unlabelled.texts
   c.unlabelled.batch_size = 32
   c.distill.pair_scores = 1.0
-  if arg == "smoke":
+  if "smoke" in flags:
     base.apply_smoke(c)
     c.distill.store = ""
     c.distill.teacher = ""

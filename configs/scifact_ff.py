@@ -13,10 +13,10 @@ from configs import base, scifact_mnrl
 
 
 def get_config(arg: str | None = None):
-  flags = [f for f in (arg or "").split(",") if f]
-  dims = [int(f) for f in flags if f.isdigit()]
+  dims = [int(f) for f in (arg or "").split(",") if f.isdigit()]
   if len(dims) != 1:
     raise ValueError("configs/scifact_ff.py needs the projection dim: --config configs/scifact_ff.py:64")
+  flags = base.variants(arg, ("smoke", str(dims[0])), "scifact_ff.py")
   c = scifact_mnrl.get_config()
   c.projection.dim = dims[0]
   c.projection.init = "prefix"

@@ -12,11 +12,12 @@ from configs import base, scifact_mnrl
 
 
 def get_config(arg: str | None = None):
+  flags = base.variants(arg, ("smoke",), "scifact_hardneg.py")
   c = scifact_mnrl.get_config()
   c.data.negatives = "runs/negatives/scifact_train_minilm.jsonl"
   c.data.mine.enabled = True
   c.data.num_negatives = 1  # per pair: with batch 32, 32 positives + 32 hard negatives per query
-  if arg == "smoke":
+  if "smoke" in flags:
     base.apply_smoke(c)
     c.data.negatives = ""  # set by the test to a temp path
   return c

@@ -8,11 +8,12 @@ experiments/domain_adaptation.py compares it with configs/scifact_mnrl.py on Sci
 and STS-B test Spearman.
 """
 
-from configs import scifact_mnrl
+from configs import base, scifact_mnrl
 
 
 def get_config(arg: str | None = None):
+  flags = base.variants(arg, ("smoke",), "scifact_mlm_then_mnrl.py")
   c = scifact_mnrl.get_config(arg)
-  if arg != "smoke":
+  if "smoke" not in flags:
     c.init = "runs/domain/mlm/export"
   return c

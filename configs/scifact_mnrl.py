@@ -10,6 +10,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
+  flags = base.variants(arg, ("smoke",), "scifact_mnrl.py")
   c = base.get_config()
   c.data.dataset = "scifact"
   c.loss.name = "mnrl"
@@ -19,4 +20,4 @@ def get_config(arg: str | None = None):
   c.optim.lr = 5e-5
   c.optim.warmup_ratio = 0.1
   c.checkpoint.every_steps = 20
-  return base.apply_smoke(c) if arg == "smoke" else c
+  return base.apply_smoke(c) if "smoke" in flags else c

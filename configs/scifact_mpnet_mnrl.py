@@ -14,10 +14,11 @@ from configs import base, scifact_mnrl
 
 
 def get_config(arg: str | None = None):
+  flags = base.variants(arg, ("smoke",), "scifact_mpnet_mnrl.py")
   c = scifact_mnrl.get_config()
   c.model = "sentence-transformers/all-mpnet-base-v2"
   c.max_seq_length = 256
   c.evals.test.at_end = False
   c.encode_batch_size = 32
   c.checkpoint.every_steps = 10  # ~70 s a step here: resume loses little
-  return base.apply_smoke(c) if arg == "smoke" else c
+  return base.apply_smoke(c) if "smoke" in flags else c
