@@ -59,17 +59,49 @@ def params_are_finite(params) -> bool:
   return all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(params))
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def public(path: Path) -> None:
+  """Gives a file written through a private temp file (0600) the modes of any other file the
+  user writes (0644 under the usual umask), and a folder 0755, recursively: another user can
+  load an export."""
+  mask = _umask()
+  path = Path(path)
+  if path.is_dir():
+    os.chmod(path, 0o777 & ~mask)
+    for child in path.rglob("*"):
+      os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~mask)
+  else:
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write(path: Path, write, mode: str = "wb") -> None:
-  """Calls write(file) on a temp file beside `path`, then renames it over `path`."""
+  """Calls write(file) on a temp file beside `path`, then renames it over `path` (with the
+  modes of a plainly written file): `path` is the old file or the new one, never half of one."""
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   try:
     with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
       write(f)
+    public(Path(tmp))
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def check_writable(folder: Path) -> None:
+  """Creates `folder` and writes a probe file in it, so that an output that cannot be written
+  is refused before any compute; raises OSError naming the path."""
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+  os.close(fd)
+  os.unlink(probe)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -216,21 +248,74 @@ def _atomic_folder(out_dir: Path, fill) -> Path:
                             f"Choose a new or empty folder.")
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+  old = None
   try:
     fill(tmp)
-    os.chmod(tmp, 0o755)
+    public(tmp)
     if out_dir.exists():
       old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-      os.rename(out_dir, old / "model")
+      try:
+        os.rename(out_dir, old / "model")
+      except OSError as e:  # e.g. a mount point, which cannot be renamed
+        raise OSError(e.errno, f"cannot replace {out_dir} ({e.strerror}); export into a new "
+                               f"folder, e.g. inside it", str(out_dir)) from None
       try:
         os.rename(tmp, out_dir)
       except BaseException:
         os.rename(old / "model", out_dir)
         raise
-      shutil.rmtree(old, ignore_errors=True)
     else:
       os.rename(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  finally:
+    # The replaced export once the new one is in place, or an empty folder; never the only copy.
+    if old is not None and (out_dir.exists() or not (old / "model").exists()):
+      shutil.rmtree(old, ignore_errors=True)
   return out_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# A workdir's config: a resumed or finished run keeps the config it was made with.
+# ----------------------------------------------------------------------------------------------
+
+# Keys that do not change what a run trains: they may differ when a run resumes.
+RUN_KEYS = ("evals.", "encode_batch_size", "checkpoint.", "train.log_every")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_run_config(workdir: Path, config_json: str, fork: bool = False) -> bool:
+  """Refuses to resume (or re-run) a run in `workdir` with a config that trains differently from
+  the one it was made with (<workdir>/config.json), naming the differing keys; with `fork`, the
+  run goes on with the new config and the old one is kept as config.fork-<n>.json. Writes
+  config.json. Returns whether the run was forked."""
+  saved = Path(workdir) / "config.json"
+  ckpts = Path(workdir) / "checkpoints"
+  has_run = (Path(workdir) / "export").exists() or (
+      ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()))
+  forked = False
+  if saved.exists() and has_run:
+    old, new = _flat(json.loads(saved.read_text())), _flat(json.loads(config_json))
+    diff = [k for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k) and not k.startswith(RUN_KEYS)]
+    if diff and not fork:
+      shown = "; ".join(f"{k}: {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}"
+                        for k in diff[:5]) + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "")
+      raise ValueError(f"{workdir} holds a run of another config ({shown}): use a new --workdir, "
+                       f"or --fork to go on from its checkpoint with this config")
+    if diff:
+      n = len(list(Path(workdir).glob("config.fork-*.json")))
+      os.replace(saved, Path(workdir) / f"config.fork-{n}.json")
+      forked = True
+  atomic_write(saved, lambda f: f.write(config_json + "\n"), "w")
+  return forked

@@ -488,6 +488,9 @@ class Retrieval:
   def __init__(self, spec, run):
     self.spec, self.run = spec, run
 
+  def active(self) -> bool:
+    return True
+
   def problems(self) -> list[str]:
     if self.spec.split == "dev" and not self.run.dev_qrels and (
         self.spec.every or self.spec.at_start or self.spec.at_end):
@@ -511,6 +514,12 @@ class Retrieval:
   def headline(self, result: dict) -> float:
     return result["results"][0]["metrics"][self.metric]
 
+  def describe(self) -> str:
+    d, s = self.run.dataset, self.spec
+    queries = len(self.run.dev_qrels or {}) if s.split == "dev" else len(d.qrels(s.split))
+    return (f"{d.name} {s.split} retrieval, {len(d.corpus_ids):,} documents and {queries:,} "
+            f"queries to encode")
+
 
 class Sts:
   """Spearman correlation of the cosine similarities with an STS dataset's gold scores."""
@@ -519,6 +528,9 @@ class Sts:
 
   def __init__(self, spec, run):
     self.spec, self.run = spec, run
+
+  def active(self) -> bool:
+    return True
 
   def problems(self) -> list[str]:
     return []
@@ -531,6 +543,9 @@ class Sts:
   def headline(self, result: dict) -> float:
     return result["cosine_spearman"]
 
+  def describe(self) -> str:
+    return f"{self.spec.dataset} {self.spec.split} similarity"
+
 
 class MLMHeldout:
   """Masked-token accuracy and perplexity of each MLM task on its held-out documents (the same
@@ -542,12 +557,13 @@ class MLMHeldout:
     self.spec, self.run = spec, run
     self.tasks = [t for t in run.tasks if t.heldout is not None]
 
+  def active(self) -> bool:
+    return bool(self.tasks)
+
   def problems(self) -> list[str]:
     return []
 
-  def __call__(self, params) -> dict | None:
-    if not self.tasks:
-      return None
+  def __call__(self, params) -> dict:
     from embed_jax.tasks import mlm_evaluate
     out = {t.name: mlm_evaluate(self.run.module, params, t, self.run.config.seed)
            for t in self.tasks}
@@ -558,6 +574,9 @@ class MLMHeldout:
 
   def headline(self, result: dict) -> float:
     return next(iter(result.values()))["mlm_heldout_perplexity"]
+
+  def describe(self) -> str:
+    return f"masked-token perplexity of {', '.join(t.name for t in self.tasks)} on held-out texts"
 
 
 EVALUATORS = {"retrieval": Retrieval, "sts": Sts, "mlm_heldout": MLMHeldout}
@@ -600,17 +619,17 @@ class Evaluators:
 
   def _write(self, name: str, when: str, params) -> None:
     from embed_jax.checkpoint import atomic_write
+    log.info("evaluating the %s model: %s", "starting" if when == "before" else "final",
+             self.items[name].describe())
     result = self.items[name](params)
-    if result is not None:
-      atomic_write(self._path(name, when),
-                   lambda f: f.write(json.dumps(result, indent=2) + "\n"), "w")
-      log.info("%s (%s): %s %.4f", name, when, self.items[name].metric,
-               self.items[name].headline(result))
+    atomic_write(self._path(name, when), lambda f: f.write(json.dumps(result, indent=2) + "\n"), "w")
+    log.info("%s (%s): %s %.4f", name, when, self.items[name].metric,
+             self.items[name].headline(result))
 
   def at_start(self, params) -> None:
     """The evaluators with at_start, on the starting model (once: a resumed run keeps its file)."""
     for name, e in self.items.items():
-      if e.spec.at_start and not self._path(name, "before").exists():
+      if e.spec.at_start and e.active() and not self._path(name, "before").exists():
         self._write(name, "before", params)
 
   def key(self, name: str) -> str | None:
@@ -619,7 +638,7 @@ class Evaluators:
 
   def _due(self, done: int, total: int) -> list[str]:
     return [n for n, e in self.items.items()
-            if e.spec.every and (done % e.spec.every == 0 or done == total)]
+            if e.spec.every and e.active() and (done % e.spec.every == 0 or done == total)]
 
   def due(self, done: int, total: int) -> bool:
     """Whether an evaluator runs after `done` of `total` steps."""
@@ -636,13 +655,13 @@ class Evaluators:
 
   def at_end(self, params) -> None:
     for name, e in self.items.items():
-      if e.spec.at_end:
+      if e.spec.at_end and e.active():
         self._write(name, "after", params)
 
   def written(self) -> bool:
     """Whether every at_end file exists (a finished run need not evaluate again)."""
-    return all(self._path(n, "after").exists() for n, e in self.items.items() if e.spec.at_end
-               and not (isinstance(e, MLMHeldout) and not e.tasks))
+    return all(self._path(n, "after").exists() for n, e in self.items.items()
+               if e.spec.at_end and e.active())
 
   def summary(self) -> dict[str, float]:
     """{<name>_<metric>[_before]: value} from the files written so far."""
@@ -653,6 +672,14 @@ class Evaluators:
         if path.exists():
           out[self.key(name) + suffix] = e.headline(json.loads(path.read_text()))
     return out
+
+
+def qrels_splits_read(config) -> list[tuple[str, str]]:
+  """(config key, split) of each qrels split the config's evaluators will read ("dev" is the
+  run's dev queries, checked with the data)."""
+  return [(f"evals.{name}.split", spec.split) for name, spec in config.evals.items()
+          if spec.get("type") == "retrieval" and spec.split != "dev"
+          and (spec.every or spec.at_start or spec.at_end)]
 
 
 def evaluator_problems(config) -> list[str]:

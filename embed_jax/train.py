@@ -347,35 +347,38 @@ class MetricsLog:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-          devices=None, stop_after: int | None = None) -> dict:
+          devices=None, stop_after: int | None = None, fork: bool = False) -> dict:
   """Runs (or resumes) the experiment in `workdir`; returns a summary.
 
   Resume is the normal path: a checkpoint in <workdir>/checkpoints wins, then `config.resume`
-  (another workdir), then `config.init`, then the pretrained model. `stop_after` ends the process
-  early after that many steps (tests of interruption).
+  (another workdir), then `config.init`, then the pretrained model. A workdir's run resumes only
+  with the config it was made with, unless `fork` (see checkpoint.check_run_config). `stop_after`
+  ends the process early after that many steps (tests of interruption).
   """
   from tqdm.auto import tqdm
 
   from embed_jax import evaluate
-  from embed_jax.checkpoint import export_mlm
+  from embed_jax.checkpoint import check_run_config, export_mlm
   from embed_jax.data import inputs
 
-  # ---- config and logging ----
+  # ---- config and logging: bad config and data are refused before the workdir exists ----
   devices = devices or jax.devices()
   check_config(config, len(devices))
+  dataset, store = inputs.check(config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  forked = check_run_config(workdir, config.to_json_best_effort(indent=2), fork)
   _setup_logging(workdir)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
   # ---- model and data ----
+  log.info("loading %s", "a tiny random model (smoke)" if config.smoke else config.init or config.model)
   model_config, params, tokenizer, source = heads.load_model(config, workdir)
   check_model_fit(config, model_config)
   if not config.dropout:
     model_config = model_config.replace(hidden_dropout=0.0, attention_dropout=0.0)
   module = SentenceEncoder(model_config)
   embedder = lambda params: Embedder(model_config, params, tokenizer, source=source)  # noqa: E731
-  data = inputs.build(config, model_config, tokenizer, embedder(params), workdir)
+  data = inputs.build(config, model_config, tokenizer, embedder(params), workdir, dataset, store)
   params = heads.add_training_heads(config, params, module, data, embedder(params), workdir)
   objective = build_objective(config, data.tasks,
                               distill_projection=heads.DISTILL_PROJECTION in params)
@@ -397,15 +400,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       devices)
   mngr = checkpoint_manager(workdir, config.checkpoint.keep)
   state, meta = start_state(runner, params, tx, config.seed, mngr, config.resume)
-  # The exported model card and config name the Matryoshka dims the model was trained for.
+  # The exported model card and config name the Matryoshka dims the model was trained for, and
+  # the hub model it started from (a smoke run's tiny random model has none).
   export_config = model_config.replace(dtype="float32", matryoshka_dims=tuple(
       sorted(config.matryoshka.dims, reverse=True)) or model_config.matryoshka_dims)
+  base_model = source if config.smoke else config.model
 
   # ---- loop ----
   start = int(runner.get_state(state).step)
   if start == 0:
     evals.at_start(params)
   end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+  log.info("training steps %d to %d of %d (%d per epoch), checkpoints in %s", start + 1, end,
+           total_steps, data.loader.steps_per_epoch, workdir / "checkpoints")
   bar = tqdm(range(start, end), initial=start, total=total_steps, desc="train", unit="step",
              disable=end - start < 2)
   # With one task per step, every step is logged (each carries its own task's metrics).
@@ -430,7 +437,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           meta = {"best_dev": dev, "best_step": done}
           if config.export == "best":  # kept apart from the rolling checkpoints (keep-K)
             objective.representation.export(host.params, export_config, tokenizer,
-                                            workdir / "best", base_model=config.model)
+                                            workdir / "best", base_model=base_model)
         if save:
           save_checkpoint(mngr, host, meta)
           metrics.last_good = done
@@ -446,7 +453,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   if end < total_steps:
     return summary  # interrupted on purpose; re-running the command resumes
   exported = workdir / "export"
-  if start == end and exported.exists() and evals.written():
+  if start == end and exported.exists() and evals.written() and not forked:
     log.info("%s is finished (step %d): nothing to do", workdir, end)  # report what it wrote
   else:
     params = runner.get_state(state).params
@@ -454,8 +461,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       params = hf.load(workdir / "best")[1]
       log.info("exporting the best dev model (step %d, dev %.4f)", meta["best_step"],
                meta["best_dev"])
+    log.info("exporting to %s", exported)
     objective.representation.export(params, export_config, tokenizer, exported,
-                                    base_model=config.model)
+                                    base_model=base_model)
     if config.export_mlm:
       export_mlm(params, export_config, tokenizer, workdir / "export_mlm")
     evals.at_end(params)

@@ -153,7 +153,7 @@ def _first_step(c, workdir):
   from embed_jax.objective import build_objective
   model_config, params, tok, _ = heads.load_model(c, workdir)  # the run's tiny model
   start = Embedder(model_config, params, tok)
-  data = inputs.build(c, model_config, tok, start, workdir)
+  data = inputs.build(c, model_config, tok, start, workdir, *inputs.check(c))
   module = SentenceEncoder(model_config)
   params = heads.add_training_heads(c, params, module, data, start, workdir)  # cached fits
   objective = build_objective(c, data.tasks, distill_projection=heads.DISTILL_PROJECTION in params)

@@ -73,7 +73,7 @@ def test_whole_word_masking_chooses_whole_words():
 
 
 def _write_sts(folder):
-  folder.mkdir(parents=True)
+  folder.mkdir(parents=True, exist_ok=True)
   rows = [(5.0, "the cell protein", "the protein of the cell"), (0.5, "cancer risk", "hello world"),
           (3.0, "mouse gene", "gene of the mouse"), (1.0, "blood level", "the study"),
           (4.0, "treatment effect", "effect of the treatment"), (0.0, "the world", "patients")] * 2
@@ -83,7 +83,7 @@ def _write_sts(folder):
 
 
 def _write_triplets(folder):
-  folder.mkdir(parents=True)
+  folder.mkdir(parents=True, exist_ok=True)
   rows = [("the cell", "cells", "the world"), ("cancer risk", "risk of cancer", "hello"),
           ("mouse gene", "gene expression", "blood level"), ("blood", "human blood", "the study"),
           ("a study", "the study", "protein")] * 2
@@ -143,9 +143,9 @@ def test_one_task_per_step_visits_tasks_in_their_shares(mode):
 def test_round_robin_run_resumes_exactly(tiny_beir, tmp_path):
   over = {"task_sampling": "round_robin", "max_steps": 6, "evals.mlm.at_start": False,
           "evals.mlm.at_end": False}
-  full = T.train(_multi(tiny_beir, tmp_path / "a", **over), tmp_path / "full")
-  T.train(_multi(tiny_beir, tmp_path / "b", **over), tmp_path / "part", stop_after=4)
-  resumed = T.train(_multi(tiny_beir, tmp_path / "c", **over), tmp_path / "part")
+  full = T.train(_multi(tiny_beir, tmp_path, **over), tmp_path / "full")
+  T.train(_multi(tiny_beir, tmp_path, **over), tmp_path / "part", stop_after=4)
+  resumed = T.train(_multi(tiny_beir, tmp_path, **over), tmp_path / "part")  # the same config
   from embed_jax import hf
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
                hf.load(full["export"])[1], hf.load(resumed["export"])[1])

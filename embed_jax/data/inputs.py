@@ -2,7 +2,8 @@
 teacher vectors), unlabelled texts (with self-distillation targets and teacher vectors), each
 extra task's, and the teacher store they read, checked before any compute.
 
-    data = build(config, model_config, tokenizer, start_embedder, workdir)
+    dataset, store = check(config)   # before any workdir or model exists
+    data = build(config, model_config, tokenizer, start_embedder, workdir, dataset, store)
     batch = data.loader.batch(step)   # {"groups": ..., "inputs": ...} (embed_jax.objective)
 """
 
@@ -29,15 +30,22 @@ class RunData:
   store: object | None  # the teacher store (embed_jax.data.teacher)
 
 
-def build(config, model_config, tokenizer, start: Embedder, workdir: Path) -> RunData:
-  """Every loader the config asks for, combined into one: the labelled pairs and the unlabelled
-  texts merged into each step, then the tasks, every one each step (task_sampling="all") or one
-  a step. `start` (the starting model) mines hard negatives and encodes self-distillation
-  targets when the config asks for them."""
+def check(config):
+  """(dataset, teacher store or None): refused, before any workdir or model exists, when they
+  lack what the config reads: the qrels splits of training, dev and each evaluator (and of
+  `pairs` tasks on this dataset), and every text the run may read in the store."""
   from embed_jax.data import load_beir
-  from embed_jax.data.pairs import MergedLoader
-  from embed_jax.tasks import SampledLoader, build_tasks
+  from embed_jax.evaluate import qrels_splits_read
   dataset = load_beir(config.data.dataset, data_dir=config.data.data_dir or None)
+  read = [("data.train_split", config.data.train_split)] if uses_pairs(config) else []
+  read += [("data.dev_split", config.data.dev_split)] if config.data.dev_split else []
+  read += [(f"tasks.{name}.split", t.split) for name, t in config.tasks.items()
+           if t.kind == "pairs" and not t.dataset]
+  read += qrels_splits_read(config)
+  missing = [f"{key}={split!r}" for key, split in read if split not in dataset.qrels_splits]
+  if missing:
+    raise ValueError(f"bad config: {', '.join(missing)}: {dataset.name} has no such qrels split; "
+                     f"it has {', '.join(dataset.qrels_splits) or 'none (no qrels/*.tsv)'}")
   store = None
   if config.distill.store:  # checked against every text the run may read, before any compute
     from embed_jax.data.teacher import dataset_texts
@@ -45,6 +53,17 @@ def build(config, model_config, tokenizer, start: Embedder, workdir: Path) -> Ru
     if uses_pairs(config):
       kinds |= {"corpus", "queries"}
     store = open_teacher(config, dataset, *dataset_texts(dataset, sorted(kinds)))
+  return dataset, store
+
+
+def build(config, model_config, tokenizer, start: Embedder, workdir: Path, dataset,
+          store=None) -> RunData:
+  """Every loader the config asks for, combined into one: the labelled pairs and the unlabelled
+  texts merged into each step, then the tasks, every one each step (task_sampling="all") or one
+  a step. `dataset` and `store` come from `check`; `start` (the starting model) mines hard
+  negatives and encodes self-distillation targets when the config asks for them."""
+  from embed_jax.data.pairs import MergedLoader
+  from embed_jax.tasks import SampledLoader, build_tasks
   main, dev_qrels = [], None
   if uses_pairs(config):
     mine_if_missing(config, dataset, start)
