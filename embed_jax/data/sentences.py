@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from embed_jax.data.beir import quiet_builder
+from embed_jax.data.beir import prepare_quietly, quiet_builder
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def _load(kind: str, name_or_path: str | os.PathLike, data_dir=None) -> Sentence
                                 f"{checksum[:16]}", version=SentencesBuilder.VERSION, kind=kind,
                            folder=str(folder.resolve()), checksum=checksum)
   builder = quiet_builder(SentencesBuilder, config, data_dir)
-  builder.download_and_prepare()
+  prepare_quietly(builder, f"{kind} {folder.name} from {folder}")
   return SentenceDataset(builder)
 
 
