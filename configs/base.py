@@ -24,8 +24,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = "float32"  # compute dtype; bfloat16 on TPU/GPU
   c.dropout = True  # the encoder's own dropout rates during training
   # What the model outputs for a text and how outputs are scored (embed_jax.representations):
-  # dense = one vector per text, cosine. The objective, evaluators and export all use it.
+  # dense = one vector per text, cosine; multivector = a unit vector per token, MaxSim (ColBERT,
+  # PyLate). The objective, evaluators and export all use it.
   c.representation = "dense"
+  # A multi-vector head put on a dense starting model (a PyLate model keeps its own settings);
+  # names and defaults as PyLate's.
+  c.multivector = ml_collections.ConfigDict()
+  c.multivector.dims = 128  # per-token vector dims (the token projection, no bias)
+  c.multivector.query_length = 32  # tokens, [CLS], marker and [SEP] included
+  c.multivector.document_length = 180  # tokens, the same
+  c.multivector.query_prefix = "[Q] "  # marker after [CLS]; a new token unless it exists
+  c.multivector.document_prefix = "[D] "
+  c.multivector.do_query_expansion = True  # pad queries with [MASK] to query_length
+  c.multivector.attend_to_expansion_tokens = False  # the encoder attends to those [MASK]s
+  c.multivector.truncate_queries = False  # False: a query longer than query_length is refused
+  c.multivector.projection_init = "pca"  # pca (token states' principal directions) | random
+  c.multivector.projection_texts = 1024  # corpus texts the pca init is fitted on
 
   # Data: pairs from a BEIR split's qrels (relevance > 0).
   c.data = ml_collections.ConfigDict()

@@ -151,7 +151,54 @@ def _refuse_non_finite(state: dict[str, np.ndarray]) -> None:
       raise ValueError(f"parameter {key} has NaN or inf values; refusing to export it")
 
 
+def _write_pylate(tmp: Path, params, config: ModelConfig, tokenizer, base_model: str | None) -> None:
+  """A multi-vector model as PyLate writes it: Transformer -> 1_Dense (the token projection),
+  its settings in config_sentence_transformers.json; pylate.models.ColBERT loads it."""
+  from safetensors.numpy import save_file
+  li = config.late_interaction
+  state = hf.params_to_state_dict(params, config)
+  token = hf.token_dense_params_to_state(params, config)
+  _refuse_non_finite({**state, **token})
+  _write_json(tmp / "config.json", hf.hf_config_dict(config))
+  save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(tmp))
+  _write_json(tmp / "modules.json", [
+      {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+      {"idx": 1, "name": "1", "path": "1_Dense", "type": hf.PYLATE_DENSE}])
+  _write_json(tmp / "1_Dense" / "config.json", {
+      "in_features": config.hidden_size, "out_features": li.dims, "bias": li.bias,
+      "activation_function": "torch.nn.modules.linear.Identity", "use_residual": False})
+  save_file(token, str(tmp / "1_Dense" / "model.safetensors"), metadata={"format": "pt"})
+  # PyLate sets the Transformer's max_seq_length per call (the length less the marker).
+  _write_json(tmp / "sentence_bert_config.json",
+              {"max_seq_length": li.document_length - 1, "do_lower_case": config.do_lower_case})
+  from embed_jax import __version__
+  _write_json(tmp / "config_sentence_transformers.json",
+              {**hf.pylate_config_dict(config), "__version__": {"embed_jax": __version__}})
+  card = [
+      "---", "library_name: PyLate",
+      "tags: [ColBERT, PyLate, sentence-transformers, sentence-similarity, embed_jax]",
+      *([f"base_model: {base_model}"] if base_model and "/" in base_model
+        and not os.path.exists(base_model) else []),
+      "pipeline_tag: sentence-similarity", "---", "",
+      "# Multi-vector (ColBERT) model exported by embed_jax", "",
+      f"- Base model: `{base_model or 'unknown'}`",
+      f"- {config.architecture}, {config.num_layers} layers, hidden size {config.hidden_size}; one "
+      f"{li.dims}-dim unit vector per token, scored by MaxSim",
+      f"- Queries: `{li.query_prefix}` marker, {li.query_length} tokens"
+      + (" (padded with [MASK])" if li.do_query_expansion else "")
+      + f"; documents: `{li.document_prefix}` marker, up to {li.document_length} tokens", "",
+      "```python", "from pylate import models",
+      "model = models.ColBERT('path/to/this/folder')",
+      "queries = model.encode(['a question'], is_query=True)",
+      "documents = model.encode(['a passage'], is_query=False)", "```", ""]
+  (tmp / "README.md").write_text("\n".join(card), encoding="utf-8")
+
+
 def _write_model(tmp: Path, params, config: ModelConfig, tokenizer, base_model: str | None) -> None:
+  if config.late_interaction is not None:
+    return _write_pylate(tmp, params, config, tokenizer, base_model)
   from safetensors.numpy import save_file
   state = hf.params_to_state_dict(params, config)
   dense = hf.dense_params_to_state(params, config) if config.dense_features else {}

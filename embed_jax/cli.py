@@ -108,12 +108,23 @@ def cmd_eval(args) -> None:
     raise CliError(f"split {args.split!r} not in {dataset.name}; it has "
                    f"{', '.join(dataset.qrels_splits) or 'no qrels split (qrels/<split>.tsv)'}")
   model = embed_jax.load(args.model, max_seq_length=args.max_seq_length)
-  if args.dims and max(args.dims) > model.dim:
-    raise CliError(f"--dims {max(args.dims)} exceeds the model's {model.dim} dimensions")
-  dims = sorted(set(args.dims or []) | {model.dim}, reverse=True)
+  from embed_jax.representations import of_model
+  rep = of_model(model, truncate_queries=args.truncate_queries)
+  if rep.name == "multivector":
+    if args.dims or args.precision != ["float32"] or args.rescore:
+      raise CliError(f"{args.model} is a multi-vector model, searched by MaxSim at float32: "
+                     f"--dims, --precision and --rescore are for dense models (use --pool)")
+    dims = None
+  else:
+    if args.pool or args.plaid:
+      raise CliError(f"--pool and --plaid are for multi-vector models; {args.model} is dense")
+    if args.dims and max(args.dims) > model.dim:
+      raise CliError(f"--dims {max(args.dims)} exceeds the model's {model.dim} dimensions")
+    dims = sorted(set(args.dims or []) | {model.dim}, reverse=True)
   out = evaluate.evaluate_retrieval(model, dataset, args.split, dims=dims, precisions=args.precision,
                                     rescore=args.rescore, batch_size=args.batch_size,
-                                    show_progress=True)
+                                    show_progress=True, representation=rep,
+                                    pool_factors=args.pool or (), plaid=args.plaid)
   s = out["settings"]
   print(f"\n{s['model']} on {s['dataset']} {s['split']}: {s['num_queries']} queries, "
         f"{s['num_docs']} documents, max_seq_length {s['max_seq_length']}\n")
@@ -301,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="unit-length output: as the model's modules.json says, always, or never")
   e.set_defaults(func=cmd_encode)
 
-  v = add("eval", help="BEIR retrieval evaluation for several representations")
+  v = add("eval", help="BEIR retrieval evaluation of a dense or multi-vector model")
   v.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
                  help="local folder or hub id")
   v.add_argument("--dataset", default="scifact",
@@ -314,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
                  help="comma-separated: float32,int8,uint8,binary")
   v.add_argument("--rescore", type=int, default=0,
                  help="re-rank the top N binary candidates with the float query (0: off)")
+  v.add_argument("--truncate_queries", action="store_true",
+                 help="multi-vector models: cut queries longer than the model's query length "
+                      "(else they are refused)")
+  v.add_argument("--plaid", action="store_true",
+                 help="multi-vector models: also search through PLAID's candidate generation "
+                      "(centroids by FAISS k-means), re-ranked by exact MaxSim")
+  v.add_argument("--pool", type=_int_list, default=None,
+                 help="multi-vector models: also evaluate the token vectors pooled by these "
+                      "factors, e.g. 2,3 (hierarchical clustering, as PyLate)")
   v.add_argument("--batch_size", type=int, default=32, help="texts per forward pass")
   v.add_argument("--max_seq_length", type=int, default=None, help="default: the model's")
   v.add_argument("--output", default=None, help="write settings and results as JSON")

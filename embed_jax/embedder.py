@@ -46,9 +46,29 @@ def tokenize_texts(tokenizer, model_config, texts: Sequence[str], max_len: int,
                    special: bool = True) -> list[list[int]]:
   """Token ids per text, lower-cased first when the model says so; with `special`, wrapped in
   [CLS]/[SEP] and truncated to max_len, else the bare tokens, untruncated."""
-  texts = [t.lower() for t in texts] if model_config.do_lower_case else list(texts)
+  texts = [t.strip() for t in texts]  # as sentence-transformers' Transformer.tokenize
+  texts = [t.lower() for t in texts] if model_config.do_lower_case else texts
   return tokenizer(texts, truncation=special, max_length=max_len if special else None,
                    add_special_tokens=special)["input_ids"]
+
+def bucketed_batches(token_ids: list[list[int]], batch_size: int, max_len: int, pad_id: int):
+  """Yields (positions, ids_BxL, mask_BxL) over `token_ids`: longest first, each batch padded to
+  the bucket of its longest row and to `batch_size` rows (a smaller power of two when there are
+  fewer texts), so that few shapes compile."""
+  n = len(token_ids)
+  order = np.argsort([-len(t) for t in token_ids], kind="stable")
+  rows = batch_size if n >= batch_size else 1 << max(n - 1, 0).bit_length()
+  buckets = length_buckets(max_len)
+  for start in range(0, n, batch_size):
+    idx = order[start:start + batch_size]
+    length = bucket_for(len(token_ids[idx[0]]), buckets)
+    ids = np.full((rows, length), pad_id, np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    for r, i in enumerate(idx):
+      ids[r, :len(token_ids[i])] = token_ids[i]
+      mask[r, :len(token_ids[i])] = 1
+    yield idx, ids, mask
+
 
 class Embedder:
   """A sentence-embedding model: config, params, tokenizer and a jitted forward."""
@@ -82,20 +102,8 @@ class Embedder:
 
   def batches(self, token_ids: list[list[int]], batch_size: int):
     """Yields (positions, ids_BxL, mask_BxL): longest first, padded to bucketed shapes."""
-    n = len(token_ids)
-    order = np.argsort([-len(t) for t in token_ids], kind="stable")
-    rows = batch_size if n >= batch_size else 1 << (n - 1).bit_length()  # few distinct batch sizes
-    buckets = length_buckets(self.config.max_seq_length)
-    pad = self.config.pad_token_id
-    for start in range(0, n, batch_size):
-      idx = order[start:start + batch_size]
-      length = bucket_for(len(token_ids[idx[0]]), buckets)
-      ids = np.full((rows, length), pad, np.int32)
-      mask = np.zeros((rows, length), np.int32)
-      for r, i in enumerate(idx):
-        ids[r, :len(token_ids[i])] = token_ids[i]
-        mask[r, :len(token_ids[i])] = 1
-      yield idx, ids, mask
+    return bucketed_batches(token_ids, batch_size, self.config.max_seq_length,
+                            self.config.pad_token_id)
 
   def encode(self, texts: Sequence[str], batch_size: int = 32, normalize: bool | None = None,
              truncate_dim: int | None = None, show_progress: bool | None = None) -> np.ndarray:
@@ -107,6 +115,10 @@ class Embedder:
     """
     if isinstance(texts, str):
       raise TypeError("encode takes a list of texts; wrap a single text in a list")
+    if self.config.late_interaction is not None:
+      raise ValueError("this is a multi-vector (ColBERT) model: it gives token vectors, not one "
+                       "vector per text; use embed_jax.representations.of_model(model).encode("
+                       "model, texts, role='query' or 'document')")
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     d = self.dim if truncate_dim is None else int(truncate_dim)

@@ -314,41 +314,35 @@ def dense_index(precision: str, rescore: int = 0):
 DEFAULT_K = (1, 3, 5, 10, 100, 1000)
 
 
-def evaluate_embeddings(queries_QxD: np.ndarray, query_ids: Sequence[str], docs_NxD: np.ndarray,
+def evaluate_embeddings(queries_QxD, query_ids: Sequence[str], docs_NxD,
                         doc_ids: Sequence[str], qrels: Mapping[str, Mapping[str, int]], *,
                         dims: Sequence[int] | None = None, precisions: Sequence[str] = ("float32",),
                         rescore: int = 0, k_values: Sequence[int] = DEFAULT_K,
-                        representation=None) -> list[dict]:
-  """Every (dims, index) over one set of outputs: metrics, bytes, ms per query.
+                        representation=None, pool_factors: Sequence[int] = (),
+                        plaid: bool = False) -> list[dict]:
+  """Every index of a representation's outputs: metrics, bytes per document, ms per query.
 
-  Outputs are the model's full-dimensional ones; each d keeps the first d dims (the
-  representation's Matryoshka prefix; dense vectors are re-normalised by the search).
-  `representation` (embed_jax.representations; default dense) gives the indexes.
+  Dense (default): each d in `dims` keeps the first d dims (re-normalised), at each precision.
+  Multi-vector (lists of token vectors): exact MaxSim, pooled by each of `pool_factors`, and
+  through PLAID's candidate generation (`plaid`).
   """
   if representation is None:
     from embed_jax.representations import Dense
     representation = Dense()
-  full = docs_NxD.shape[1]
-  dims = sorted({int(d) for d in (dims or [full])}, reverse=True)
-  if any(not 1 <= d <= full for d in dims):
-    raise ValueError(f"dims {dims} must each be in 1..{full} (the model's dimension)")
-  bad = [p for p in precisions if p not in PRECISIONS]
-  if bad:
-    raise ValueError(f"precision {bad} not supported; choose from {PRECISIONS}")
   k = max(k_values)
   results = []
-  for d in dims:
-    for index in representation.indexes(precisions, rescore):
-      if isinstance(index, Binary) and d % 8:
-        log.warning("binary at %d dims: not a multiple of 8, the last byte is padded", d)
-      index.index(representation.prefix(docs_NxD, d))
-      t = time.perf_counter()
-      scores_QxK, idx_QxK = index.search(representation.prefix(queries_QxD, d), k)
-      ms = (time.perf_counter() - t) * 1e3 / max(len(query_ids), 1)
-      run = run_from_topk(query_ids, doc_ids, scores_QxK, idx_QxK)
-      results.append({"representation": index.name, "dims": d,
-                      "metrics": ir_metrics(qrels, run, k_values),
-                      "bytes_per_doc": index.bytes_per_doc, "ms_per_query": round(ms, 4)})
+  for index, d in representation.search_plan(docs_NxD, dims=dims, precisions=precisions,
+                                             rescore=rescore, pool_factors=pool_factors,
+                                             plaid=plaid):
+    cut = (lambda x: x) if d is None else (lambda x: representation.prefix(x, d))  # noqa: E731
+    index.index(cut(docs_NxD))
+    t = time.perf_counter()
+    scores_QxK, idx_QxK = index.search(cut(queries_QxD), k)
+    ms = (time.perf_counter() - t) * 1e3 / max(len(query_ids), 1)
+    run = run_from_topk(query_ids, doc_ids, scores_QxK, idx_QxK)
+    results.append({"representation": index.name, "dims": d or representation.dims_of(docs_NxD),
+                    "metrics": ir_metrics(qrels, run, k_values),
+                    "bytes_per_doc": index.bytes_per_doc, "ms_per_query": round(ms, 4)})
   return results
 
 
@@ -356,10 +350,7 @@ def model_fingerprint(model) -> str:
   """sha256 over the parameters in export order: identifies the weights, whatever the folder."""
   from embed_jax import hf
   h = hashlib.sha256()
-  state = hf.params_to_state_dict(model.params, model.config)
-  if model.config.dense_features:
-    state.update({f"2_Dense/{k}": v for k, v in hf.dense_params_to_state(model.params, model.config).items()})
-  for key, value in sorted(state.items()):
+  for key, value in sorted(hf.model_state(model.params, model.config).items()):
     h.update(key.encode())
     h.update(np.ascontiguousarray(value).tobytes())
   return h.hexdigest()
@@ -370,7 +361,8 @@ def evaluate_retrieval(model, dataset, split: str = "test", *, dims: Sequence[in
                        k_values: Sequence[int] = DEFAULT_K, batch_size: int = 32,
                        show_progress: bool | None = None,
                        qrels: Mapping[str, Mapping[str, int]] | None = None,
-                       representation=None) -> dict:
+                       representation=None, pool_factors: Sequence[int] = (),
+                       plaid: bool = False) -> dict:
   """Encodes a BEIR split's judged queries and the corpus once, then evaluates each index.
 
   `qrels` overrides the split's (e.g. dev queries carved from train); `representation` (default
@@ -379,21 +371,23 @@ def evaluate_retrieval(model, dataset, split: str = "test", *, dims: Sequence[in
   be traced to what produced it.
   """
   if representation is None:
-    from embed_jax.representations import Dense
-    representation = Dense()
+    from embed_jax.representations import of_model
+    representation = of_model(model)
   qrels = dataset.qrels(split) if qrels is None else qrels
   query_ids = [q for q in dataset.queries if q in qrels]
   queries = dataset.queries
   doc_ids = dataset.corpus_ids
   t = time.perf_counter()
   docs_NxD = representation.encode(model, dataset.corpus_texts(" "), batch_size=batch_size,
-                                   show_progress=show_progress)
+                                   show_progress=show_progress, role="document")
   queries_QxD = representation.encode(model, [queries[q] for q in query_ids],
-                                      batch_size=batch_size, show_progress=show_progress)
+                                      batch_size=batch_size, show_progress=show_progress,
+                                      role="query")
   encode_s = time.perf_counter() - t
   results = evaluate_embeddings(queries_QxD, query_ids, docs_NxD, doc_ids, qrels, dims=dims,
                                 precisions=precisions, rescore=rescore, k_values=k_values,
-                                representation=representation)
+                                representation=representation, pool_factors=pool_factors,
+                                plaid=plaid)
   settings = {
       "model": str(model.source), "model_fingerprint": model_fingerprint(model),
       "dataset": dataset.name, "dataset_checksum": dataset.checksum, "split": split,
@@ -504,7 +498,8 @@ class Retrieval:
     if split == "dev":
       split, qrels = c.data.dev_split or c.data.train_split, self.run.dev_qrels
     model = self.run.embedder(params)
-    dims = sorted({model.dim, *c.matryoshka.dims}, reverse=True) if s.all_dims else None
+    dense = self.run.representation.name == "dense"
+    dims = sorted({model.dim, *c.matryoshka.dims}, reverse=True) if s.all_dims and dense else None
     out = evaluate_retrieval(model, self.run.dataset, split, qrels=qrels, dims=dims,
                              precisions=tuple(s.precisions), k_values=tuple(s.k_values),
                              batch_size=c.encode_batch_size, representation=self.run.representation)

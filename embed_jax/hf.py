@@ -197,6 +197,10 @@ def read_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
   fields["do_lower_case"] = bool(st_cfg.get("do_lower_case", False))
   st_model_cfg = _read_json(folder / "config_sentence_transformers.json", required=False) or {}
   fields["matryoshka_dims"] = tuple(st_model_cfg.get("embed_jax", {}).get("matryoshka_dims", ()))
+  fields.update(late_interaction_fields(folder, modules, st_model_cfg))
+  fields["max_seq_length"] = min(fields["max_seq_length"], max_tokens)
+  token_in = fields.pop("_token_dense_in", None)
+  fields.pop("_token_dense_path", None)
   fields.update(overrides)
   dense_in = fields.pop("_dense_in", None)
   try:
@@ -206,6 +210,9 @@ def read_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
   if dense_in is not None and dense_in != config.pooled_dim:
     raise ModelFormatError(f"{folder}: the Dense module takes {dense_in} features but pooling "
                            f"gives {config.pooled_dim}")
+  if token_in is not None and token_in != config.hidden_size:
+    raise ModelFormatError(f"{folder}: the token Dense module takes {token_in} features but the "
+                           f"encoder gives {config.hidden_size}")
   return config
 
 
@@ -441,30 +448,111 @@ def load(folder: str | os.PathLike, **overrides) -> tuple[ModelConfig, dict]:
   if config.dense_features:
     path = folder / dense_module_path(_read_json(folder / "modules.json"))
     params["dense"] = dense_state_to_params(read_safetensors(path), config, str(path))
+  if config.late_interaction is not None:
+    modules = _read_json(folder / "modules.json")
+    path = folder / next(m["path"] for m in modules if m.get("type") == PYLATE_DENSE)
+    params["token_dense"] = token_dense_state_to_params(read_safetensors(path), config, str(path))
   return config, params
 
 
-def dense_state_to_params(state: dict[str, np.ndarray], config: ModelConfig, source: str) -> dict:
-  """sentence-transformers Dense tensors (linear.weight [out, in], linear.bias) -> Flax params."""
-  want = {"linear.weight": (config.dense_features, config.pooled_dim)}
-  if config.dense_bias:
-    want["linear.bias"] = (config.dense_features,)
+def _linear_from_state(state: dict[str, np.ndarray], out_features: int, in_features: int,
+                       bias: bool, dtype: str, source: str) -> dict:
+  """sentence-transformers / PyLate Dense tensors (linear.weight [out, in], linear.bias) ->
+  Flax params {"kernel" [in, out], "bias"}."""
+  want = {"linear.weight": (out_features, in_features)}
+  if bias:
+    want["linear.bias"] = (out_features,)
   for key, shape in want.items():
     if key not in state:
       raise ModelFormatError(f"{source}: tensor {key} is missing; it has {sorted(state)}")
     if tuple(state[key].shape) != shape:
       raise ModelFormatError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, "
                              f"expected {shape}")
-  out = {"kernel": np.ascontiguousarray(state["linear.weight"].T).astype(config.param_dtype)}
-  if config.dense_bias:
-    out["bias"] = state["linear.bias"].astype(config.param_dtype)
+  out = {"kernel": np.ascontiguousarray(state["linear.weight"].T).astype(dtype)}
+  if bias:
+    out["bias"] = state["linear.bias"].astype(dtype)
   return out
+
+
+def _linear_to_state(linear: dict, bias: bool) -> dict[str, np.ndarray]:
+  out = {"linear.weight": np.ascontiguousarray(np.asarray(linear["kernel"]).T)}
+  if bias:
+    out["linear.bias"] = np.asarray(linear["bias"])
+  return out
+
+
+def dense_state_to_params(state: dict[str, np.ndarray], config: ModelConfig, source: str) -> dict:
+  """The sentence-transformers Dense head's tensors -> Flax params."""
+  return _linear_from_state(state, config.dense_features, config.pooled_dim, config.dense_bias,
+                            config.param_dtype, source)
 
 
 def dense_params_to_state(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
   """The Dense head's params -> sentence-transformers' key names."""
-  dense = params["dense"]
-  out = {"linear.weight": np.ascontiguousarray(np.asarray(dense["kernel"]).T)}
-  if config.dense_bias:
-    out["linear.bias"] = np.asarray(dense["bias"])
-  return out
+  return _linear_to_state(params["dense"], config.dense_bias)
+
+
+def token_dense_state_to_params(state: dict[str, np.ndarray], config: ModelConfig,
+                                source: str) -> dict:
+  """A multi-vector model's token projection (PyLate's 1_Dense) -> Flax params."""
+  li = config.late_interaction
+  return _linear_from_state(state, li.dims, config.hidden_size, li.bias, config.param_dtype, source)
+
+
+def token_dense_params_to_state(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+  return _linear_to_state(params["token_dense"], config.late_interaction.bias)
+
+
+def model_state(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+  """Every exported tensor of a model, keyed as in its folder (the encoder's names; heads under
+  their module folder): what identifies its weights."""
+  state = params_to_state_dict(params, config)
+  if config.dense_features:
+    state.update({f"2_Dense/{k}": v for k, v in dense_params_to_state(params, config).items()})
+  if config.late_interaction is not None:
+    state.update({f"1_Dense/{k}": v for k, v in token_dense_params_to_state(params, config).items()})
+  return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-vector (PyLate) folders.
+# ----------------------------------------------------------------------------------------------
+
+PYLATE_DENSE = "pylate.models.Dense.Dense"
+
+
+def late_interaction_fields(folder: Path, modules: list[dict], st_model_cfg: dict) -> dict:
+  """The LateInteraction settings of a PyLate folder (its token Dense module and the keys of
+  config_sentence_transformers.json), as read_config fields; {} for any other folder."""
+  from embed_jax.models.config import LateInteraction
+  token = [m for m in modules if m.get("type") == PYLATE_DENSE]
+  if not token:
+    return {}
+  if len(token) > 1:
+    raise ModelFormatError(f"{folder / 'modules.json'}: {len(token)} PyLate Dense modules; "
+                           f"embed_jax supports one")
+  cfg = _read_json(folder / token[0]["path"] / "config.json")
+  if cfg.get("use_residual") or cfg.get("activation_function", "torch.nn.modules.linear.Identity") \
+      != "torch.nn.modules.linear.Identity":
+    raise ModelFormatError(f"{folder / token[0]['path'] / 'config.json'}: only a plain linear "
+                           f"projection (identity activation, no residual) is supported")
+  defaults = LateInteraction()
+  keys = ("query_prefix", "document_prefix", "query_length", "document_length",
+          "do_query_expansion", "attend_to_expansion_tokens")
+  li = LateInteraction(
+      dims=int(cfg["out_features"]), bias=bool(cfg.get("bias", True)),
+      skiplist_words=tuple(st_model_cfg.get("skiplist_words", defaults.skiplist_words)),
+      **{k: st_model_cfg[k] for k in keys if st_model_cfg.get(k) is not None})
+  return {"late_interaction": li, "normalize": False, "max_seq_length": li.document_length,
+          "_token_dense_in": int(cfg["in_features"]), "_token_dense_path": token[0]["path"]}
+
+
+def pylate_config_dict(config: ModelConfig) -> dict:
+  """config_sentence_transformers.json of a multi-vector export, with PyLate's keys."""
+  import dataclasses as dc
+  li = dc.asdict(config.late_interaction)
+  return {"model_type": "ColBERT", "prompts": {"query": "", "document": ""},
+          "default_prompt_name": None, "similarity_fn_name": "MaxSim",
+          **{k: li[k] for k in ("query_prefix", "document_prefix", "query_length",
+                                "document_length", "attend_to_expansion_tokens")},
+          "skiplist_words": list(li["skiplist_words"]), "do_query_expansion": li["do_query_expansion"]}

@@ -74,6 +74,33 @@ class Score(NamedTuple):
 COSINE = Score(unit, dot_matrix, dot_pairs)
 
 
+def _token_sims(q_vecs, d_vecs, d_mask, q_mask, pattern: str) -> Array:
+  """Per query token, the best similarity over the document's kept tokens (-inf masked; a
+  document with no kept token gives 0), summed over the query's kept tokens."""
+  sims = jnp.einsum(pattern, q_vecs, d_vecs, precision=_HIGHEST)
+  best = jnp.max(jnp.where(d_mask, sims, -jnp.inf), axis=-1)
+  best = jnp.where(jnp.isfinite(best), best, 0.0)
+  return jnp.sum(jnp.where(q_mask, best, 0.0), axis=-1)
+
+
+def maxsim_matrix(q, d) -> Array:
+  """[B, C] late-interaction (ColBERT) scores of token vectors: for each query token, the
+  highest dot product with any of the document's tokens, summed over the query's tokens. q and
+  d are {"vectors": [B or C, L, D], "mask": [B or C, L]}; masked tokens (padding, the document
+  skiplist) take no part. PyLate's colbert_scores for unit token vectors."""
+  return _token_sims(q["vectors"], d["vectors"], d["mask"][None, :, None, :] > 0,
+                     q["mask"][:, None, :] > 0, "bid,cjd->bcij")
+
+
+def maxsim_pairs(a, b) -> Array:
+  """[B] MaxSim of row i of a (queries) with row i of b (documents)."""
+  return _token_sims(a["vectors"], b["vectors"], b["mask"][:, None, :] > 0, a["mask"] > 0,
+                     "bid,bjd->bij")
+
+
+MAXSIM = Score(lambda x: x, maxsim_matrix, maxsim_pairs)  # token vectors are unit already
+
+
 def _rows_valid(valid_B: Array | None, batch: int) -> Array:
   return jnp.ones((batch,), bool) if valid_B is None else jnp.asarray(valid_B, bool)
 

@@ -174,7 +174,7 @@ class Objective:
   equal_weights: bool = False  # proportional task sampling: the weights were the sampling shares
 
   def head(self, group: str):
-    return self.heads.get(group, self.representation)
+    return self.heads[group] if group in self.heads else self.representation.for_group(group)
 
   def embed(self, module, params, groups: dict, rng, train: bool, mask_key=None,
             chunk_id=0) -> dict:
@@ -221,10 +221,12 @@ class Objective:
     return losses.weighted_sum(parts), aux
 
 
-def build_objective(config, tasks=(), *, distill_projection: bool = False) -> Objective:
-  """The config's objective: its representation, main terms and each task's terms and heads."""
+def build_objective(config, tasks=(), *, distill_projection: bool = False,
+                    representation=None) -> Objective:
+  """The config's objective: its representation (bound to the model's tokenizer; default the
+  config's, unbound), main terms and each task's terms and heads."""
   from embed_jax import representations
-  rep = representations.get(config)
+  rep = representation or representations.get(config)
   terms = [t for t in main_terms(config, rep, distill_projection=distill_projection) if t.weight > 0]
   heads = {}
   for t in tasks:
@@ -259,6 +261,18 @@ def objective_problems(config, num_devices: int) -> list[str]:
                     f"{', '.join(representations.REPRESENTATIONS)}")
   if config.loss.name not in PAIR_LOSSES or config.representation not in representations.REPRESENTATIONS:
     return problems  # the terms below cannot be built
+  if config.representation == "multivector":
+    dense_only = {"matryoshka.dims": mrl.dims, "matryoshka.self_distill.weight": sd.weight,
+                  "distill.embedding": dist.embedding, "projection.dim": proj.dim,
+                  "tasks": tuple(config.tasks.keys())}
+    problems += [f"{k}={v}: dense representation only (multivector scores token vectors by "
+                 f"MaxSim)" for k, v in dense_only.items() if v]
+    mv = config.multivector
+    if mv.projection_init not in ("pca", "random"):
+      problems.append(f"multivector.projection_init={mv.projection_init!r}: choose pca or random")
+    if mv.dims < 1 or mv.query_length < 4 or mv.document_length < 4:
+      problems.append(f"multivector: dims={mv.dims} must be >= 1, query_length="
+                      f"{mv.query_length} and document_length={mv.document_length} >= 4")
   terms = main_terms(config)
   problems += [f"the {t.name} term's weight is {t.weight}: weights must be >= 0 (0: off)"
                for t in terms if t.weight < 0]

@@ -6,8 +6,12 @@ with its indexes (`encode`, `indexes`); the exporter writes its folder (`export`
 embedding is one more class here, a head on the encoder and a score function; nothing else in
 the trainer or the evaluator changes.
 
-    dense   one vector per text (pooling, optional Dense head), cosine similarity
-    next    token vectors (MaxSim), vocabulary weights (sparse dot), pair scores (cross-encoder)
+    dense        one vector per text (pooling, optional Dense head), cosine similarity
+    multivector  one unit vector per token (ColBERT / PyLate), MaxSim
+    next         vocabulary weights (sparse dot), pair scores (cross-encoder)
+
+A text group is a query group ("q", or a task's "<task>.q") or a document group (every other);
+`for_group` gives the head for it, and `tokenize` the token ids of its texts.
 
     rep = representations.get(config)          # the config's (config.representation)
     out_BxE = rep.embed(module, params, {"ids": ids_BxL, "mask": mask_BxL}, train=False)
@@ -17,9 +21,16 @@ the trainer or the evaluator changes.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from embed_jax import losses
 from embed_jax.models import SentenceEncoder
+
+
+def role(group: str) -> str:
+  """"query" for a query group ("q", "<task>.q"), else "document"."""
+  return "query" if group == "q" or group.endswith(".q") else "document"
 
 
 class Dense:
@@ -33,6 +44,18 @@ class Dense:
   def __init__(self, layers: tuple[int, ...] = ()):
     # 2D Matryoshka: also the pooled output after these layers (1-based counts).
     self.layers = tuple(layers)
+
+  def bind(self, model_config, tokenizer) -> "Dense":
+    return self
+
+  def for_group(self, group: str) -> "Dense":
+    return self
+
+  def tokenize(self, tokenizer, model_config, texts, role: str, max_len: int) -> list[list[int]]:
+    """Token ids of texts, [CLS]/[SEP] included, truncated to max_len (queries and documents
+    alike)."""
+    from embed_jax.embedder import tokenize_texts
+    return tokenize_texts(tokenizer, model_config, texts, max_len)
 
   # ---- in the step ----
 
@@ -58,18 +81,38 @@ class Dense:
 
   # ---- outside the step: encode, search, export ----
 
-  def encode(self, model, texts, *, batch_size: int = 32, show_progress=None):
-    """float32 [n, E] raw vectors of `texts` (an embed_jax.Embedder), in input order."""
+  def encode(self, model, texts, *, batch_size: int = 32, show_progress=None, role=None):
+    """float32 [n, E] raw vectors of `texts` (an embed_jax.Embedder), in input order; queries
+    and documents alike."""
     return model.encode(texts, batch_size=batch_size, normalize=False, show_progress=show_progress)
 
-  def indexes(self, precisions=("float32",), rescore: int = 0) -> list:
-    """Exact search over the corpus vectors at each precision (embed_jax.evaluate), and binary
-    re-scored with the float query when `rescore` > 0."""
+  def search_plan(self, docs_NxD, *, dims=None, precisions=("float32",), rescore: int = 0,
+                  pool_factors=(), plaid: bool = False) -> list:
+    """[(empty index, dims)]: exact search over the corpus vectors cut to each of `dims` (None:
+    the full dims), at each precision (embed_jax.evaluate), and binary re-scored with the float
+    query when `rescore` > 0."""
     from embed_jax import evaluate
-    out = [evaluate.dense_index(p) for p in precisions]
-    if rescore and "binary" in precisions:
-      out.append(evaluate.Binary(rescore))
-    return out
+    full = docs_NxD.shape[1]
+    dims = sorted({int(d) for d in (dims or [full])}, reverse=True)
+    if any(not 1 <= d <= full for d in dims):
+      raise ValueError(f"dims {dims} must each be in 1..{full} (the model's dimension)")
+    bad = [p for p in precisions if p not in evaluate.PRECISIONS]
+    if bad:
+      raise ValueError(f"precision {bad} not supported; choose from {evaluate.PRECISIONS}")
+    if pool_factors or plaid:
+      raise ValueError("token pooling and PLAID are for multi-vector models; this one is dense")
+    plan = []
+    for d in dims:
+      plan += [(evaluate.dense_index(p), d) for p in precisions]
+      if rescore and "binary" in precisions:
+        plan.append((evaluate.Binary(rescore), d))
+      if "binary" in precisions and d % 8:
+        evaluate.log.warning("binary at %d dims: not a multiple of 8, the last byte is padded", d)
+    return plan
+
+  @staticmethod
+  def dims_of(docs_NxD) -> int:
+    return docs_NxD.shape[1]
 
   def export(self, params, model_config, tokenizer, out_dir, *, base_model=None):
     """A sentence-transformers folder (transformers.AutoModel loads its encoder)."""
@@ -77,12 +120,160 @@ class Dense:
     return export(params, model_config, tokenizer, out_dir, base_model=base_model)
 
 
-REPRESENTATIONS = {"dense": Dense}
+class MultiVector:
+  """One unit vector per token (late interaction: ColBERT, PyLate), scored by MaxSim. Queries
+  are [CLS] [Q] tokens [SEP] padded with [MASK] to the query length (query augmentation; the
+  encoder attends to the [MASK]s only with attend_to_expansion_tokens), every position scored;
+  documents are [CLS] [D] tokens [SEP], punctuation (the skiplist) left out of the score.
+  Outputs are {"vectors": [..., L, D], "mask": [..., L]} (mask: the tokens that are scored).
+
+  Built from a model's LateInteraction settings; `bind(model_config, tokenizer)` resolves the
+  token ids (markers, [MASK], [SEP], skiplist) the head and the tokenizer need."""
+  name = "multivector"
+  score = losses.MAXSIM
+  similarity = "maxsim"
+  layers = ()
+
+  def __init__(self, settings=None, ids: dict | None = None, group_role: str = "document",
+               truncate_queries: bool = False):
+    # truncate_queries: cut a query longer than the query length (as PyLate does silently)
+    # rather than refuse it.
+    self.settings, self.ids, self.role = settings, ids, group_role
+    self.truncate_queries = truncate_queries
+
+  def bind(self, model_config, tokenizer) -> "MultiVector":
+    li = model_config.late_interaction
+    if li is None:
+      raise ValueError("this is a dense model (no token projection): a multi-vector "
+                       "representation needs a ColBERT/PyLate model or "
+                       "config.representation='multivector' in training")
+    if tokenizer.mask_token_id is None or tokenizer.sep_token_id is None:
+      raise ValueError("a multi-vector model needs a tokenizer with [MASK] and [SEP] tokens")
+    marker = lambda p: tokenizer.convert_tokens_to_ids(p) if p else None  # noqa: E731
+    ids = {"query_prefix": marker(li.query_prefix), "document_prefix": marker(li.document_prefix),
+           "mask": tokenizer.mask_token_id, "sep": tokenizer.sep_token_id,
+           # as PyLate: a word missing from the vocabulary skips the unknown token
+           "skiplist": tuple(sorted({tokenizer.convert_tokens_to_ids(w) for w in li.skiplist_words}))}
+    unknown = [p for p in (li.query_prefix, li.document_prefix)
+               if p and tokenizer.convert_tokens_to_ids(p) == tokenizer.unk_token_id]
+    if unknown:
+      raise ValueError(f"the markers {unknown} are not in the tokenizer: add them "
+                       f"(embed_jax.models.heads.add_multivector_head) or set other prefixes")
+    return MultiVector(li, ids, truncate_queries=self.truncate_queries)
+
+  def for_group(self, group: str) -> "MultiVector":
+    return MultiVector(self.settings, self.ids, role(group), self.truncate_queries)
+
+  def tokenize(self, tokenizer, model_config, texts, role: str, max_len: int | None = None,
+               truncate_queries: bool | None = None) -> list[list[int]]:
+    """Token ids as PyLate makes them: truncated to the query or document length (the marker
+    included), the marker inserted after [CLS], queries padded with [MASK] to the query length.
+    A query longer than the query length is refused unless `truncate_queries` (default: the
+    representation's)."""
+    from embed_jax.embedder import tokenize_texts
+    li = self.settings
+    if truncate_queries is None:
+      truncate_queries = self.truncate_queries
+    length = min(li.query_length if role == "query" else li.document_length,
+                 model_config.max_tokens)  # never past the position embeddings
+    prefix = self.ids[f"{role}_prefix"]
+    rows = tokenize_texts(tokenizer, model_config, texts, (length - 1) if prefix is not None else length)
+    if role == "query" and not truncate_queries:
+      full = tokenize_texts(tokenizer, model_config, texts, 10**6)
+      long = [len(f) for f in full if len(f) > (length - 1 if prefix is not None else length)]
+      if long:
+        raise ValueError(f"{len(long)} of {len(texts)} queries are longer than query_length="
+                         f"{length} tokens (the longest has {max(long) + (prefix is not None)}): "
+                         f"raise the query length or truncate them")
+    if prefix is not None:
+      rows = [r[:1] + [prefix] + r[1:] for r in rows]
+    if role == "query" and li.do_query_expansion:
+      rows = [r + [self.ids["mask"]] * (length - len(r)) for r in rows]
+    return rows
+
+  def masks(self, ids_BxL, mask_BxL):
+    """(attention mask, scored tokens) of token ids whose `mask_BxL` marks the real positions
+    (query expansion [MASK]s included)."""
+    mask_BxL = mask_BxL > 0
+    if self.role == "query":
+      attend = mask_BxL
+      if self.settings.do_query_expansion and not self.settings.attend_to_expansion_tokens:
+        # the expansion [MASK]s follow the first [SEP]
+        first_sep_B = jnp.argmax(ids_BxL == self.ids["sep"], axis=-1)
+        attend = mask_BxL & (jnp.arange(ids_BxL.shape[-1])[None, :] <= first_sep_B[:, None])
+      return attend.astype(jnp.int32), mask_BxL
+    keep = mask_BxL & ~jnp.isin(ids_BxL, jnp.asarray(self.ids["skiplist"], ids_BxL.dtype))
+    return mask_BxL.astype(jnp.int32), keep
+
+  # ---- in the step ----
+
+  def embed(self, module: SentenceEncoder, params, group: dict, *, train: bool,
+            dropout_rng=None, **_) -> dict:
+    """{"vectors": [..., L, D], "mask": [..., L]} of a text group {"ids", "mask"}."""
+    ids, mask = group["ids"], group["mask"]
+    flat_ids, flat_mask = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, ids.shape[-1])
+    attend, keep = self.masks(flat_ids, flat_mask)
+    kw = {"rngs": {"dropout": dropout_rng}} if train else {}
+    vecs = module.apply({"params": params}, flat_ids, attend, deterministic=not train,
+                        method=SentenceEncoder.token_vectors, **kw)
+    return {"vectors": vecs.reshape(*ids.shape, vecs.shape[-1]),
+            "mask": keep.astype(jnp.float32).reshape(ids.shape)}
+
+  def at_layer(self, out, index: int):
+    return out
+
+  @staticmethod
+  def prefix(out, d: int):
+    raise ValueError("Matryoshka prefixes of token vectors are not supported")
+
+  # ---- outside the step ----
+
+  def encode(self, model, texts, *, batch_size: int = 32, show_progress=None,
+             role: str = "document", truncate_queries: bool | None = None) -> list[np.ndarray]:
+    """The scored token vectors of each text, [n_i, D] float32, in input order (PyLate's
+    `encode(..., is_query=...)`); queries longer than the query length are refused unless
+    `truncate_queries`."""
+    from embed_jax.multivector import encode_tokens
+    return encode_tokens(model, self.bind(model.config, model.tokenizer).for_group(
+        "q" if role == "query" else "p"), texts, batch_size=batch_size,
+        show_progress=show_progress, truncate_queries=truncate_queries)
+
+  def search_plan(self, docs, *, pool_factors=(), plaid: bool = False, dims=None,
+                  precisions=("float32",), rescore: int = 0) -> list:
+    """[(empty index, None)]: exact MaxSim, pooled by each of `pool_factors`, and PLAID."""
+    if (dims and list(dims) != [self.settings.dims]) or tuple(precisions) != ("float32",) or rescore:
+      raise ValueError("a multi-vector model is searched at float32 and its own dims: --dims, "
+                       "--precision and --rescore are for dense models (use --pool)")
+    from embed_jax import multivector
+    return [(index, None) for index in multivector.indexes(pool_factors=pool_factors, plaid=plaid)]
+
+  @staticmethod
+  def dims_of(docs) -> int:
+    return int(docs[0].shape[1])
+
+  def export(self, params, model_config, tokenizer, out_dir, *, base_model=None):
+    """A PyLate folder (pylate.models.ColBERT loads it; transformers.AutoModel its encoder)."""
+    from embed_jax.checkpoint import export
+    return export(params, model_config, tokenizer, out_dir, base_model=base_model)
 
 
-def get(config) -> Dense:
-  """The representation a training config asks for (`config.representation`)."""
+REPRESENTATIONS = {"dense": Dense, "multivector": MultiVector}
+
+
+def get(config, model_config=None, tokenizer=None):
+  """The representation a training config asks for (`config.representation`), bound to the
+  model's tokenizer when given (a multi-vector head needs its token ids)."""
   if config.representation not in REPRESENTATIONS:
     raise ValueError(f"representation={config.representation!r}: choose from "
                      f"{', '.join(REPRESENTATIONS)}")
-  return REPRESENTATIONS[config.representation](layers=tuple(config.matryoshka.layers))
+  rep = (Dense(layers=tuple(config.matryoshka.layers)) if config.representation == "dense"
+         else MultiVector(truncate_queries=config.multivector.truncate_queries))
+  return rep if model_config is None else rep.bind(model_config, tokenizer)
+
+
+def of_model(model, truncate_queries: bool = False):
+  """The representation an embed_jax.Embedder's model has: multi-vector when it has a token
+  projection, else dense."""
+  if model.config.late_interaction is not None:
+    return MultiVector(truncate_queries=truncate_queries).bind(model.config, model.tokenizer)
+  return Dense()

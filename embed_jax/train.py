@@ -357,7 +357,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   """
   from tqdm.auto import tqdm
 
-  from embed_jax import evaluate
+  from embed_jax import evaluate, representations
   from embed_jax.checkpoint import check_run_config, export_mlm
   from embed_jax.data import inputs
 
@@ -378,9 +378,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     model_config = model_config.replace(hidden_dropout=0.0, attention_dropout=0.0)
   module = SentenceEncoder(model_config)
   embedder = lambda params: Embedder(model_config, params, tokenizer, source=source)  # noqa: E731
-  data = inputs.build(config, model_config, tokenizer, embedder(params), workdir, dataset, store)
+  rep = representations.get(config, model_config, tokenizer)
+  data = inputs.build(config, model_config, tokenizer, embedder(params), workdir, dataset, store,
+                      rep)
   params = heads.add_training_heads(config, params, module, data, embedder(params), workdir)
-  objective = build_objective(config, data.tasks,
+  objective = build_objective(config, data.tasks, representation=rep,
                               distill_projection=heads.DISTILL_PROJECTION in params)
   total_steps = data.loader.steps_per_epoch * config.num_epochs
   if config.max_steps > 0:

@@ -135,7 +135,10 @@ def test_triplet_and_cosent_match_numpy():
 @pytest.fixture(scope="module")
 def st_losses():
   pytest.importorskip("torch")
-  from sentence_transformers.sentence_transformer import losses as st
+  try:  # sentence-transformers >= 6
+    from sentence_transformers.sentence_transformer import losses as st
+  except ImportError:  # 5.x (the version PyLate needs)
+    from sentence_transformers import losses as st
   return st
 
 
@@ -175,6 +178,9 @@ def test_triplet_and_cosent_match_sentence_transformers(st_losses):
   metric = st_losses.TripletDistanceMetric
   for distance, fn, margin in (("cosine", metric.COSINE, 0.5), ("euclidean", metric.EUCLIDEAN, 1.0),
                                ("euclidean", metric.EUCLIDEAN, 5.0)):
+    if float(fn(_t(_unit(a)), _t(_unit(p))).min()) < 0:
+      # sentence-transformers 5.x's EUCLIDEAN is pairwise_euclidean_sim, minus the distance
+      fn = (lambda f: lambda x, y: -f(x, y))(fn)
     loss = st_losses.TripletLoss(None, distance_metric=fn, triplet_margin=margin)
     # Ours normalises first; sentence-transformers' euclidean sees the model output as it is.
     ref = loss.compute_loss_from_embeddings([_t(_unit(x)) for x in (a, p, n)], None)

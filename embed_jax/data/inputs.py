@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embed_jax.embedder import Embedder, tokenize_texts
+from embed_jax.embedder import Embedder
 from embed_jax.objective import uses_pairs, uses_unlabelled
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,23 @@ class RunData:
   dev_qrels: dict | None  # the dev queries' qrels (data.dev_split or carved from train)
   tasks: list  # embed_jax.tasks.Task
   store: object | None  # the teacher store (embed_jax.data.teacher)
+
+
+def max_lengths(config, rep) -> tuple[int, int]:
+  """(query, document) lengths in tokens: the config's, or a multi-vector model's own."""
+  if rep.name == "multivector":
+    return rep.settings.query_length, rep.settings.document_length
+  return config.query_max_seq_length, config.max_seq_length
+
+
+def tokenize(config, rep, tokenizer, model_config, texts, role: str) -> list[list[int]]:
+  """Token ids of a text group's texts through the representation (a multi-vector model adds
+  its markers and pads queries with [MASK]; queries beyond its query length are refused unless
+  multivector.truncate_queries)."""
+  q_len, d_len = max_lengths(config, rep)
+  if rep.name == "multivector":
+    return rep.tokenize(tokenizer, model_config, texts, role)
+  return rep.tokenize(tokenizer, model_config, texts, role, q_len if role == "query" else d_len)
 
 
 def check(config):
@@ -57,20 +74,25 @@ def check(config):
 
 
 def build(config, model_config, tokenizer, start: Embedder, workdir: Path, dataset,
-          store=None) -> RunData:
+          store=None, rep=None) -> RunData:
   """Every loader the config asks for, combined into one: the labelled pairs and the unlabelled
   texts merged into each step, then the tasks, every one each step (task_sampling="all") or one
-  a step. `dataset` and `store` come from `check`; `start` (the starting model) mines hard
-  negatives and encodes self-distillation targets when the config asks for them."""
+  a step. `dataset` and `store` come from `check`; `rep` (the bound representation, default
+  dense) tokenizes; `start` (the starting model) mines hard negatives and encodes
+  self-distillation targets when the config asks for them."""
+  if rep is None:
+    from embed_jax.representations import Dense
+    rep = Dense()
   from embed_jax.data.pairs import MergedLoader
   from embed_jax.tasks import SampledLoader, build_tasks
   main, dev_qrels = [], None
   if uses_pairs(config):
     mine_if_missing(config, dataset, start)
-    pairs, dev_qrels = load_data(config, dataset, tokenizer, model_config, store)
+    pairs, dev_qrels = load_data(config, dataset, tokenizer, model_config, store, rep)
     main.append(pairs)
   if uses_unlabelled(config):
-    main.append(unlabelled_loader(config, dataset, tokenizer, model_config, start, workdir, store))
+    main.append(unlabelled_loader(config, dataset, tokenizer, model_config, start, workdir, store,
+                                  rep))
   main = [MergedLoader(*main)] if len(main) > 1 else main
   tasks = build_tasks(config, tokenizer, model_config, dataset)
   loaders = main + [t.loader for t in tasks]
@@ -96,7 +118,7 @@ def open_teacher(config, dataset, needed_ids: list[str], needed_texts: list[str]
 
 
 def unlabelled_loader(config, dataset, tokenizer, model_config, start: Embedder, workdir: Path,
-                      store=None):
+                      store=None, rep=None):
   """Batches of the dataset's unlabelled texts (group u), with the self-distillation targets of
   the starting model (target='initial': encoded once, kept in <workdir>/self_distill_targets.npy)
   and the teacher's vectors, when the run needs them."""
@@ -117,10 +139,14 @@ def unlabelled_loader(config, dataset, tokenizer, model_config, start: Embedder,
       extras["target_BxD"] = targets
   if store is not None and (config.distill.embedding > 0 or config.distill.scores > 0):
     extras["teacher_BxT"] = np.asarray(store.vectors[store.rows(ids)], np.float32)
-  tokens = tokenize_texts(tokenizer, model_config, texts, config.max_seq_length)
+  if rep is None:
+    from embed_jax.representations import Dense
+    rep = Dense()
+  tokens = tokenize(config, rep, tokenizer, model_config, texts, "document")
   log.info("unlabelled: %d texts (%s), %d per step", len(texts), unl.texts, unl.batch_size)
   return TextLoader(tokens, batch_size=unl.batch_size, seed=config.seed,
-                    max_len=config.max_seq_length, pad_id=model_config.pad_token_id, extras=extras)
+                    max_len=max_lengths(config, rep)[1], pad_id=model_config.pad_token_id,
+                    extras=extras)
 
 
 def mine_if_missing(config, dataset, embedder: Embedder) -> None:
@@ -138,7 +164,7 @@ def mine_if_missing(config, dataset, embedder: Embedder) -> None:
   write_negatives(rows, path)
 
 
-def load_data(config, dataset, tokenizer, model_config, store=None):
+def load_data(config, dataset, tokenizer, model_config, store=None, rep=None):
   """(PairLoader, dev_qrels or None) for `dataset`; with a teacher store (and a pair-level
   distillation weight), the teacher's vectors of the batch's texts too."""
   from embed_jax.data.pairs import PairLoader, build_pairs, carve_dev
@@ -157,9 +183,13 @@ def load_data(config, dataset, tokenizer, model_config, store=None):
   pairs = build_pairs(dataset, config.data.train_split, query_subset=train_queries,
                       negatives=negatives)
 
-  q_tokens = tokenize_texts(tokenizer, model_config, [dataset.queries[q] for q in pairs.query_ids],
-                            config.query_max_seq_length)
-  d_tokens = tokenize_texts(tokenizer, model_config, dataset.corpus_texts(" "), config.max_seq_length)
+  if rep is None:
+    from embed_jax.representations import Dense
+    rep = Dense()
+  q_tokens = tokenize(config, rep, tokenizer, model_config,
+                      [dataset.queries[q] for q in pairs.query_ids], "query")
+  d_tokens = tokenize(config, rep, tokenizer, model_config, dataset.corpus_texts(" "), "document")
+  q_max_len, d_max_len = max_lengths(config, rep)
   teacher = {}
   if store is not None and (config.distill.pair_scores > 0 or config.distill.margin_mse > 0):
     teacher = {"teacher_queries_QxT": np.asarray(
@@ -168,7 +198,7 @@ def load_data(config, dataset, tokenizer, model_config, store=None):
                    store.vectors[store.rows(f"corpus/{d}" for d in pairs.doc_ids)], np.float32)}
   loader = PairLoader(pairs, q_tokens, d_tokens, batch_size=config.batch_size, seed=config.seed,
                       num_negatives=config.data.num_negatives,
-                      q_max_len=config.query_max_seq_length, d_max_len=config.max_seq_length,
+                      q_max_len=q_max_len, d_max_len=d_max_len,
                       pad_id=model_config.pad_token_id, **teacher)
   log.info("%s: %d training pairs from %d queries, %d steps per epoch of %d; dev queries: %d",
            dataset.name, len(pairs.pairs_Px2), len(pairs.query_ids), loader.steps_per_epoch,

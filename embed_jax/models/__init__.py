@@ -22,7 +22,8 @@ def supported_architectures() -> tuple[str, ...]:
 class SentenceEncoder(nn.Module):
   """Transformer -> Pooling -> [Dense] -> [Normalize], the sentence-transformers pipeline.
 
-  `__call__` returns the sentence embedding [B, E]; `encode_tokens` returns token states.
+  `__call__` returns the sentence embedding [B, E]; `encode_tokens` returns token states;
+  `token_vectors` a multi-vector model's per-token vectors.
   """
   config: ModelConfig
 
@@ -38,6 +39,10 @@ class SentenceEncoder(nn.Module):
     if cfg.dense_features:
       self.dense = nn.Dense(cfg.dense_features, use_bias=cfg.dense_bias, dtype=jnp.float32,
                             param_dtype=cfg.param_dtype)
+    if cfg.late_interaction is not None:  # a multi-vector model's token projection
+      li = cfg.late_interaction
+      self.token_dense = nn.Dense(li.dims, use_bias=li.bias, dtype=jnp.float32,
+                                  param_dtype=cfg.param_dtype)
 
   def encode_tokens(self, ids_BxL, mask_BxL, *, deterministic: bool = True, all_layers: bool = False):
     return self.encoder(ids_BxL, mask_BxL, deterministic=deterministic, all_layers=all_layers)
@@ -58,6 +63,12 @@ class SentenceEncoder(nn.Module):
     unit = self.config.normalize if normalize is None else normalize
     return l2_normalize(emb_BxE) if unit else emb_BxE
 
+
+  def token_vectors(self, ids_BxL, mask_BxL, *, deterministic: bool = True) -> jnp.ndarray:
+    """A multi-vector model's output: every token's state through the token projection,
+    L2-normalised, [B, L, D] float32 (PyLate's ColBERT). `mask_BxL` is the attention mask."""
+    hidden_BxLxH = self.encode_tokens(ids_BxL, mask_BxL, deterministic=deterministic)
+    return l2_normalize(self.token_dense(hidden_BxLxH.astype(jnp.float32)))
 
   def mlm_logits(self, ids_BxL, mask_BxL, positions_BxK, *, deterministic: bool = True):
     """Vocabulary logits [B, K, V] at `positions` (the masked tokens), decoder tied to the word

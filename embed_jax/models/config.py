@@ -18,6 +18,29 @@ ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "si
 
 
 @dataclasses.dataclass(frozen=True)
+class LateInteraction:
+  """A multi-vector (ColBERT / PyLate) model's settings: one vector per token, through a linear
+  projection to `dims` (no bias by default), L2-normalised; scored by MaxSim. Queries and
+  documents get a marker token after [CLS]; queries are padded with [MASK] to `query_length`
+  (query augmentation), documents truncated to `document_length` with punctuation (the skiplist)
+  left out of the score. The names and defaults are PyLate's."""
+  dims: int = 128
+  bias: bool = False
+  query_prefix: str = "[Q] "
+  document_prefix: str = "[D] "
+  query_length: int = 32  # tokens, [CLS], the marker and [SEP] included
+  document_length: int = 180
+  do_query_expansion: bool = True  # pad queries with [MASK] to query_length
+  attend_to_expansion_tokens: bool = False  # the [MASK]s are attended to by the encoder
+  skiplist_words: tuple[str, ...] = tuple("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+  def __post_init__(self):
+    if self.dims < 1 or self.query_length < 4 or self.document_length < 4:
+      raise ValueError(f"late interaction: dims {self.dims} must be >= 1 and the query and "
+                       f"document lengths ({self.query_length}, {self.document_length}) >= 4")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Everything needed to build the Flax module and to write the model back out.
 
@@ -50,6 +73,9 @@ class ModelConfig:
   max_seq_length: int = 256  # tokens, [CLS] and [SEP] included; longer texts are truncated
   do_lower_case: bool = False  # lower-case before tokenising (sentence_bert_config.json)
   matryoshka_dims: tuple[int, ...] = ()  # truncations the model was trained for (model card)
+  # A multi-vector model (PyLate's pipeline: Transformer -> token Dense), instead of the
+  # sentence-embedding pipeline above: its settings, or None.
+  late_interaction: LateInteraction | None = None
   dtype: str = "float32"  # compute dtype; "bfloat16" on TPU/GPU
   param_dtype: str = "float32"  # storage dtype of the parameters
   hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)

@@ -126,7 +126,94 @@ def load_model(config, workdir: Path):
           config, Embedder(model_config, params, tokenizer)))
     model_config, params = add_projection(model_config, params, config.projection.dim,
                                                 config.projection.init, config.seed, kernel=kernel)
+  if config.representation == "multivector" and model_config.late_interaction is None:
+    model_config, params = add_multivector_head(config, model_config, params, tokenizer, workdir)
+  elif config.representation == "multivector":
+    log.info("%s is a multi-vector model: its own settings are used (%s)", source,
+             model_config.late_interaction)
+  elif model_config.late_interaction is not None:
+    raise ValueError(f"bad config: {source} is a multi-vector (ColBERT) model; set "
+                     f"representation='multivector' to train it")
   return model_config, params, tokenizer, source
+
+
+def add_prefix_tokens(model_config, params, tokenizer, tokens):
+  """Adds marker tokens the tokenizer does not know (as PyLate adds "[Q] " and "[D] "), growing
+  the word-embedding table to the tokenizer's size; a new row starts as the mean of the existing
+  rows (transformers' resize draws around that mean: this takes the mean itself, so a run is
+  deterministic). -> (model_config, params)"""
+  new = [t for t in dict.fromkeys(tokens)
+         if t and tokenizer.convert_tokens_to_ids(t) == tokenizer.unk_token_id]
+  if not new:
+    return model_config, params
+  tokenizer.add_tokens(new)
+  table_VxH = np.asarray(params["encoder"]["embeddings"]["word_embeddings"]["embedding"])
+  size = len(tokenizer)
+  if size > len(table_VxH):
+    grown = np.concatenate([table_VxH, np.repeat(table_VxH.mean(0, keepdims=True),
+                                                 size - len(table_VxH), axis=0)])
+    embeddings = {**params["encoder"]["embeddings"], "word_embeddings": {"embedding": grown}}
+    params = {**params, "encoder": {**params["encoder"], "embeddings": embeddings}}
+    model_config = model_config.replace(vocab_size=size)
+  log.info("added the marker tokens %s to the tokenizer (ids %s)", new,
+           tokenizer.convert_tokens_to_ids(new))
+  return model_config, params
+
+
+def add_multivector_head(config, model_config, params, tokenizer, workdir: Path):
+  """Turns a dense model into a multi-vector one (config.multivector): marker tokens, and a
+  token projection hidden -> dims, no bias. `projection_init="pca"` starts it on the principal
+  directions of the starting encoder's document token states (the uncentred second moment, over
+  `projection_texts` corpus texts, cached in <workdir>/multivector_projection.npy): each token
+  keeps as much of its state as a map to that many dims can, so MaxSim starts close to the
+  cosine of the token states themselves; "random" is N(0, 1/hidden). -> (model_config, params)"""
+  from embed_jax.models.config import LateInteraction
+  mv = config.multivector
+  li = LateInteraction(dims=mv.dims, bias=False, query_prefix=mv.query_prefix,
+                       document_prefix=mv.document_prefix, query_length=mv.query_length,
+                       document_length=mv.document_length,
+                       do_query_expansion=mv.do_query_expansion,
+                       attend_to_expansion_tokens=mv.attend_to_expansion_tokens)
+  model_config, params = add_prefix_tokens(model_config, params, tokenizer,
+                                           [li.query_prefix, li.document_prefix])
+  model_config = model_config.replace(late_interaction=li,
+                                      max_seq_length=max(li.document_length, li.query_length))
+  hidden = model_config.hidden_size
+  if mv.projection_init == "pca":
+    kernel = cached(workdir / "multivector_projection.npy",
+                    lambda: token_pca_kernel(config, model_config, params, tokenizer))
+  else:
+    kernel = np.random.default_rng([config.seed, 17]).normal(
+        0, hidden ** -0.5, (hidden, li.dims)).astype(np.float32)
+  log.info("multi-vector head: %d -> %d token projection (%s init), markers %r / %r",
+           hidden, li.dims, mv.projection_init, li.query_prefix, li.document_prefix)
+  return model_config, {**params, "token_dense": {"kernel": np.asarray(kernel, np.float32)}}
+
+
+def token_pca_kernel(config, model_config, params, tokenizer) -> np.ndarray:
+  """[hidden, dims]: the leading eigenvectors of the second moment of the starting encoder's
+  token states over a seeded sample of corpus texts, tokenized as documents."""
+  import jax
+  from embed_jax.data import load_beir
+  from embed_jax.embedder import bucketed_batches
+  from embed_jax.representations import MultiVector
+  mv = config.multivector
+  texts = load_beir(config.data.dataset, data_dir=config.data.data_dir or None).corpus_texts(" ")
+  take = sorted(np.random.default_rng([config.seed, 19]).permutation(len(texts))[:mv.projection_texts])
+  rep = MultiVector().bind(model_config, tokenizer)
+  rows = rep.tokenize(tokenizer, model_config, [texts[i] for i in take], "document")
+  module = SentenceEncoder(model_config)
+  states = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask,
+                                                      method=SentenceEncoder.encode_tokens))
+  gram = np.zeros((model_config.hidden_size,) * 2, np.float64)
+  log.info("multivector.projection_init='pca': token states of %d corpus texts", len(rows))
+  for _, ids, mask in bucketed_batches(rows, config.encode_batch_size,
+                                       model_config.late_interaction.document_length,
+                                       model_config.pad_token_id):
+    h = np.asarray(states(params, ids, mask), np.float64)[mask > 0]
+    gram += h.T @ h
+  _, axes = np.linalg.eigh(gram)  # ascending
+  return np.ascontiguousarray(axes[:, ::-1][:, :model_config.late_interaction.dims], np.float32)
 
 
 def cached(path: Path, compute: Callable[[], np.ndarray]) -> np.ndarray:
