@@ -1,10 +1,10 @@
 """A representation: what a model outputs for a text, and how two outputs are scored.
 
 The objective embeds its text groups through it (`embed`, inside the jitted step) and its losses
-score with `score`; the evaluator encodes a corpus and its queries through it and searches them
-with its indexes (`encode`, `indexes`); the exporter writes its folder (`export`). A new kind of
-embedding is one more class here, a head on the encoder and a score function; nothing else in
-the trainer or the evaluator changes.
+score with `score`; the data loaders tokenize through it (`tokenize`); the evaluator encodes a
+corpus and its queries through it and searches them as `search_plan` says (`encode`); the
+exporter writes its folder (`export`). A new kind of embedding is one more class here, a head on
+the encoder and a score function; the trainer and the evaluator do not change.
 
     dense        one vector per text (pooling, optional Dense head), cosine similarity
     multivector  one unit vector per token (ColBERT / PyLate), MaxSim
@@ -13,9 +13,10 @@ the trainer or the evaluator changes.
 A text group is a query group ("q", or a task's "<task>.q") or a document group (every other);
 `for_group` gives the head for it, and `tokenize` the token ids of its texts.
 
-    rep = representations.get(config)          # the config's (config.representation)
+    rep = representations.get(config, model_config, tokenizer)  # config.representation, bound
     out_BxE = rep.embed(module, params, {"ids": ids_BxL, "mask": mask_BxL}, train=False)
-    scores_BxC = rep.score.matrix(q_BxE, d_CxE)
+    scores_BxC = rep.score.matrix(rep.score.prepare(q_BxE), rep.score.prepare(d_CxE))
+    rep = representations.of_model(embed_jax.load(folder))      # what a saved model is
 """
 
 from __future__ import annotations

@@ -299,7 +299,7 @@ def _run_distill(runner_name, devices, chunk=0):
   c.matryoshka.dims = (32, 16)
   c.distill.store = "unused"
   c.distill.embedding, c.distill.scores, c.distill.pair_scores, c.distill.margin_mse = 1.0, 0.5, 0.5, 2.0
-  cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
+  cfg = tiny_config(num_layers=1, hidden_dropout=0.0, attention_dropout=0.0)  # compiles faster
   params = heads.add_distill_projection(init_params(cfg), 32, 48, seed=0)
   tx, schedule = T.make_optimizer(c.optim, total_steps=10)
   axis = "batch" if runner_name == "pmap" else None
@@ -329,7 +329,8 @@ def _run_distill(runner_name, devices, chunk=0):
 @needs_8
 def test_distillation_agrees_across_runners_and_grad_cache():
   one = _run_distill("jit", jax.devices()[:1])
-  _assert_same(one, _run_distill("jit", jax.devices()[:8]))
+  # (jit on 8 devices partitions this same program: test_train checks that path; the pmap
+  # gather and the grad-cache chunks are what this objective's terms change)
   _assert_same(one, _run_distill("pmap", jax.devices()[:8]))
   _assert_same(one, _run_distill("jit", jax.devices()[:1], chunk=4))
 

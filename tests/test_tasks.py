@@ -211,7 +211,7 @@ def _run_tasks(runner_name, devices, tmp_path, tiny_beir, chunk=0):
   c = _multi(tiny_beir, tmp_path)
   c.dropout = False
   c.train.grad_cache_chunk, c.train.runner = chunk, runner_name
-  cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
+  cfg = tiny_config(num_layers=1, hidden_dropout=0.0, attention_dropout=0.0)  # compiles faster
   tasks = build_tasks(c, tiny_tokenizer(), cfg, load_beir(str(tiny_beir)))
   module = SentenceEncoder(cfg)
   params = heads.add_mlm_head(init_params(cfg), module, 0)
@@ -235,7 +235,8 @@ def _run_tasks(runner_name, devices, tmp_path, tiny_beir, chunk=0):
 @needs_8
 def test_tasks_agree_across_runners_and_grad_cache(tiny_beir, tmp_path):
   one = _run_tasks("jit", jax.devices()[:1], tmp_path / "1", tiny_beir)
-  _assert_same(one, _run_tasks("jit", jax.devices()[:8], tmp_path / "2", tiny_beir))
+  # (jit on 8 devices partitions this same program: test_train checks that path; the pmap
+  # gather and the grad-cache chunks are what this objective's terms change)
   _assert_same(one, _run_tasks("pmap", jax.devices()[:8], tmp_path / "3", tiny_beir))
   _assert_same(one, _run_tasks("jit", jax.devices()[:1], tmp_path / "4", tiny_beir, chunk=2))
 
