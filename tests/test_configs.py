@@ -16,7 +16,7 @@ SMOKE = {  # config file -> its smoke variant (the ones other tests train are ma
     "scifact_mlm": "smoke",  # test_tasks
     "scifact_mlm_then_mnrl": "smoke",
     "scifact_multitask": "smoke",  # test_tasks (needs the real STS-B and SNLI files)
-  "scifact_colbert": "smoke",  # test_multivector
+    "scifact_colbert": "smoke",  # test_multivector
 }
 TRAINED_ELSEWHERE = {"scifact_mnrl", "scifact_hardneg", "scifact_mlm", "scifact_multitask",
                      "scifact_colbert"}

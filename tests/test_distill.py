@@ -285,21 +285,21 @@ def test_store_of_other_texts_is_refused_before_training(tiny_beir, tiny_dataset
 
 # ---- runners and gradient caching with every distillation term ----
 
-from tests.test_train import _assert_same, needs_8, synthetic_batch  # noqa: E402
+from tests.test_train import _assert_same, needs_8, runner_model_config, synthetic_batch  # noqa: E402
 
 
 def _run_distill(runner_name, devices, chunk=0):
   from configs import scifact_mnrl
   from embed_jax.objective import build_objective
   from embed_jax.models import SentenceEncoder
-  from embed_jax.testing import init_params, tiny_config
+  from embed_jax.testing import init_params
   c = scifact_mnrl.get_config()
   c.dropout = False
   c.train.grad_cache_chunk, c.train.runner = chunk, runner_name
   c.matryoshka.dims = (32, 16)
   c.distill.store = "unused"
   c.distill.embedding, c.distill.scores, c.distill.pair_scores, c.distill.margin_mse = 1.0, 0.5, 0.5, 2.0
-  cfg = tiny_config(num_layers=1, hidden_dropout=0.0, attention_dropout=0.0)  # compiles faster
+  cfg = runner_model_config()
   params = heads.add_distill_projection(init_params(cfg), 32, 48, seed=0)
   tx, schedule = T.make_optimizer(c.optim, total_steps=10)
   axis = "batch" if runner_name == "pmap" else None
@@ -329,8 +329,6 @@ def _run_distill(runner_name, devices, chunk=0):
 @needs_8
 def test_distillation_agrees_across_runners_and_grad_cache():
   one = _run_distill("jit", jax.devices()[:1])
-  # (jit on 8 devices partitions this same program: test_train checks that path; the pmap
-  # gather and the grad-cache chunks are what this objective's terms change)
   _assert_same(one, _run_distill("pmap", jax.devices()[:8]))
   _assert_same(one, _run_distill("jit", jax.devices()[:1], chunk=4))
 

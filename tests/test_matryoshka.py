@@ -161,8 +161,6 @@ def test_mrl_2d_and_self_distillation_agree_across_runners_and_grad_cache():
                     + 0.5 * float(m["mnrl/layer1@16"]))
            + 0.5 * float(m["self_distill_loss"]))
   np.testing.assert_allclose(float(m["loss"]), total, rtol=1e-5)
-  # (jit on 8 devices partitions this same program: test_train checks that path; the pmap
-  # gather and the grad-cache chunks are what this objective's terms change)
   _assert_same(one, _mrl_run("pmap", jax.devices()[:8])[0])
   _assert_same(one, _mrl_run("jit", jax.devices()[:1], chunk=4)[0])
   _assert_same(one, _mrl_run("pmap", jax.devices()[:8], chunk=1)[0])

@@ -150,8 +150,9 @@ def _multivector_model(c):
   from embed_jax.models import heads
   from embed_jax.models.config import LateInteraction
   from embed_jax.representations import MultiVector
-  from embed_jax.testing import init_params, tiny_config, tiny_tokenizer
-  cfg = tiny_config(num_layers=1, hidden_dropout=0.0, attention_dropout=0.0)  # compiles faster
+  from embed_jax.testing import init_params, tiny_tokenizer
+  from tests.test_train import runner_model_config
+  cfg = runner_model_config()
   tok = tiny_tokenizer()
   cfg, params = heads.add_prefix_tokens(cfg, init_params(cfg), tok, ["[Q] ", "[D] "])
   cfg = cfg.replace(late_interaction=LateInteraction(dims=16, query_length=12, document_length=20))

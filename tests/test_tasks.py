@@ -11,7 +11,8 @@ import pytest
 from embed_jax import train as T
 from embed_jax.models.mlm import MaskingSpec, budget, mask_tokens
 from embed_jax.tasks import SampledLoader, task
-from tests.test_train import _assert_same, make_step, needs_8, set_fields, smoke_config
+from tests.test_train import (_assert_same, make_step, needs_8, runner_model_config, set_fields,
+                              smoke_config)
 
 SPEC = MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=130)
 
@@ -206,12 +207,12 @@ def _run_tasks(runner_name, devices, tmp_path, tiny_beir, chunk=0):
   from configs import scifact_mnrl
   from embed_jax.models import SentenceEncoder, heads
   from embed_jax.tasks import build_tasks
-  from embed_jax.testing import init_params, tiny_config, tiny_tokenizer
+  from embed_jax.testing import init_params, tiny_tokenizer
   from embed_jax.data import load_beir
   c = _multi(tiny_beir, tmp_path)
   c.dropout = False
   c.train.grad_cache_chunk, c.train.runner = chunk, runner_name
-  cfg = tiny_config(num_layers=1, hidden_dropout=0.0, attention_dropout=0.0)  # compiles faster
+  cfg = runner_model_config()
   tasks = build_tasks(c, tiny_tokenizer(), cfg, load_beir(str(tiny_beir)))
   module = SentenceEncoder(cfg)
   params = heads.add_mlm_head(init_params(cfg), module, 0)
@@ -235,8 +236,6 @@ def _run_tasks(runner_name, devices, tmp_path, tiny_beir, chunk=0):
 @needs_8
 def test_tasks_agree_across_runners_and_grad_cache(tiny_beir, tmp_path):
   one = _run_tasks("jit", jax.devices()[:1], tmp_path / "1", tiny_beir)
-  # (jit on 8 devices partitions this same program: test_train checks that path; the pmap
-  # gather and the grad-cache chunks are what this objective's terms change)
   _assert_same(one, _run_tasks("pmap", jax.devices()[:8], tmp_path / "3", tiny_beir))
   _assert_same(one, _run_tasks("jit", jax.devices()[:1], tmp_path / "4", tiny_beir, chunk=2))
 

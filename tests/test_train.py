@@ -65,9 +65,16 @@ def make_step(cfg, c, tx, schedule, axis=None, tasks=()):
   return T.make_train_step(SentenceEncoder(cfg), build_objective(c, tasks), c, tx, schedule, axis)
 
 
+def runner_model_config():
+  """The runner tests' tiny model: no dropout, one layer (the runners' agreement does not depend
+  on depth; the compile time does). The objectives' runner tests check pmap and grad caching
+  against one device; jit on 8 devices partitions the same program, checked here and in
+  test_multivector."""
+  return tiny_config(num_layers=1, hidden_dropout=0.0, attention_dropout=0.0)
+
+
 def _setup(grad_cache_chunk=0, runner="jit", symmetric=True):
-  # One layer: the runners' agreement does not depend on depth; the compile time does.
-  cfg = tiny_config(num_layers=1, hidden_dropout=0.0, attention_dropout=0.0)
+  cfg = runner_model_config()
   c = scifact_mnrl.get_config()
   c.dropout = False
   c.loss.symmetric = symmetric
