@@ -37,7 +37,7 @@ eval: install
 	  --rescore 100 --output experiments/results/zeroshot/minilm_scifact_test.json
 
 test: install-dev
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -n 2 --dist loadfile tests
 
 bench: install-dev
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/encode.py

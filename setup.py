@@ -31,6 +31,7 @@ setup(
         # build of torch first (`pip install torch==2.13.0` here) or pip pulls a CUDA build.
         "dev": [
             "pytest>=8",
+            "pytest-xdist",  # make test runs two workers: most test time is single-threaded XLA compilation
             "torch",
             # PyLate 1.6 (the multi-vector reference, installed --no-deps by `make install-dev`:
             # its pins would pull a CUDA torch) needs sentence-transformers 5.3 and these.

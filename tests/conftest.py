@@ -15,6 +15,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import tempfile
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="embed_jax-xla-cache-")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  # A size limit turns on the cache's file lock: `make test` runs two pytest-xdist workers, and
+  # without it one could read an entry the other is still writing.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 from pathlib import Path
@@ -28,6 +31,18 @@ def data_root() -> Path | None:
   """`$EMBED_JAX_DATA`, else ../shared/data beside the repo (this workplace's copy)."""
   root = Path(os.environ.get("EMBED_JAX_DATA", REPO.parent / "shared" / "data"))
   return root if root.exists() else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_tfds_cache(tmp_path_factory):
+  """Each pytest-xdist worker prepares BEIR folders in its own TFDS cache (two workers preparing
+  SciFact into one folder would race on the final rename); tests that set their own keep it."""
+  if "EMBED_JAX_CACHE" in os.environ:
+    yield
+    return
+  os.environ["EMBED_JAX_CACHE"] = str(tmp_path_factory.mktemp("tfds-cache"))
+  yield
+  os.environ.pop("EMBED_JAX_CACHE", None)
 
 
 @pytest.fixture(scope="session")
