@@ -175,12 +175,15 @@ class Plaid:
   best centroids; centroid interaction ranks them (each document token stands for its
   centroid), and the best `ncandidates` are re-ranked by exact MaxSim over the stored vectors.
   Stored: the float32 token vectors (for the re-ranking) and a 2-byte centroid id per token.
+  Defaults: fast-plaid's `n_ivf_probe=8` and `kmeans_niters=4`; 1,024 candidates re-ranked
+  (ColBERTv2's `ndocs` for k <= 100; fast-plaid's `n_full_scores=4096` is most of a small
+  corpus). experiments/results/multivector/ measures recall against exact MaxSim for others.
   fast-plaid itself is built against one torch version (2.11 for 1.7.0) and crashes with this
   project's 2.13, so the clustering goes through FAISS and the pruning is written here.
   """
 
-  def __init__(self, nprobe: int = 4, ncandidates: int = 256, seed: int = 0):
-    self.nprobe, self.ncandidates, self.seed = nprobe, ncandidates, seed
+  def __init__(self, nprobe: int = 8, ncandidates: int = 1024, seed: int = 0, niter: int = 4):
+    self.nprobe, self.ncandidates, self.seed, self.niter = nprobe, ncandidates, seed, niter
     self.name = "plaid"
 
   def index(self, docs: Sequence[np.ndarray]) -> None:
@@ -191,7 +194,7 @@ class Plaid:
     k = int(2 ** np.floor(np.log2(16 * np.sqrt(len(tokens_TxD)))))
     k = max(1, min(k, len(tokens_TxD) // 4 or 1, 65535))
     sample = np.random.default_rng(self.seed).permutation(len(tokens_TxD))[:max(256 * k, 1)]
-    kmeans = faiss.Kmeans(tokens_TxD.shape[1], k, niter=20, seed=self.seed, spherical=True,
+    kmeans = faiss.Kmeans(tokens_TxD.shape[1], k, niter=self.niter, seed=self.seed, spherical=True,
                           max_points_per_centroid=256)
     kmeans.train(tokens_TxD[np.sort(sample)])
     self.centroids_KxD = kmeans.centroids.astype(np.float32)
