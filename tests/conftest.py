@@ -33,18 +33,6 @@ def data_root() -> Path | None:
   return root if root.exists() else None
 
 
-@pytest.fixture(scope="session", autouse=True)
-def own_tfds_cache(tmp_path_factory):
-  """Each pytest-xdist worker prepares BEIR folders in its own TFDS cache (two workers preparing
-  SciFact into one folder would race on the final rename); tests that set their own keep it."""
-  if "EMBED_JAX_CACHE" in os.environ:
-    yield
-    return
-  os.environ["EMBED_JAX_CACHE"] = str(tmp_path_factory.mktemp("tfds-cache"))
-  yield
-  os.environ.pop("EMBED_JAX_CACHE", None)
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
   from embed_jax.testing import make_tiny_model

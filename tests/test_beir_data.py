@@ -157,6 +157,23 @@ def test_cache_is_reused(tmp_path, env, monkeypatch):
   assert {p: p.stat().st_mtime_ns for p in Path(again.builder.data_dir).iterdir()} == files
 
 
+def test_processes_sharing_a_cache_prepare_it_once_and_all_read_it(tmp_path, env):
+  """Two processes loading one new folder at once (test workers, hosts of one run): one prepares
+  it under the lock, the other waits and reads it; without the lock TFDS' final rename races."""
+  import subprocess
+  import sys
+  folder = write_beir(tmp_path / "tiny")
+  code = ("import sys; from embed_jax.data import load_beir; "
+          "print(','.join(load_beir(sys.argv[1]).corpus_ids))")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+           for _ in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+  assert [out.strip() for out, _ in outs] == ["d1,d2,d3,d4"] * 2
+  assert len(prepared_dirs(env)) == 1
+
+
 def test_data_dir_argument_beats_the_environment(tmp_path, env):
   ds = load_beir(write_beir(tmp_path / "tiny"), data_dir=tmp_path / "elsewhere")
   assert Path(ds.builder.data_dir).is_relative_to(tmp_path / "elsewhere")

@@ -352,13 +352,12 @@ class _DropCustomConfigWarning(logging.Filter):
     return not record.getMessage().startswith("Using custom data configuration")
 
 
-def beir_builder(source: BeirSource, data_dir: str | os.PathLike | None = None) -> BeirBuilder:
-  """The builder for `source` (not yet prepared) under the cache dir."""
+def beir_config(source: BeirSource) -> BeirConfig:
+  """The builder config for `source`: named by its checksum, so a changed source gets a new one."""
   checksum = source_checksum(source)
   slug = re.sub(r"[^a-z0-9]+", "_", source.name.lower()).strip("_") or "beir"
-  config = BeirConfig(name=f"{slug}-{checksum[:16]}", version=BeirBuilder.VERSION,
-                      source=str(source.path), inner=source.inner, checksum=checksum)
-  return quiet_builder(BeirBuilder, config, data_dir)
+  return BeirConfig(name=f"{slug}-{checksum[:16]}", version=BeirBuilder.VERSION,
+                    source=str(source.path), inner=source.inner, checksum=checksum)
 
 
 def quiet_builder(builder_cls, config, data_dir: str | os.PathLike | None = None):
@@ -372,15 +371,44 @@ def quiet_builder(builder_cls, config, data_dir: str | os.PathLike | None = None
     absl_log.removeFilter(quiet)
 
 
-def prepare_quietly(builder, what: str) -> None:
-  """builder.download_and_prepare(), once per source and cache dir, with one log line instead of
-  TFDS' own output (its "Downloading and preparing dataset Unknown size ..." for a local folder,
-  and nested progress bars that leave escape codes in logs)."""
+def prepare_quietly(builder_cls, config, data_dir, what: str):
+  """quiet_builder(builder_cls, config, data_dir), prepared once per source and cache dir, with
+  one log line instead of TFDS' own output (its "Downloading and preparing dataset Unknown size
+  ..." for a local folder, and nested progress bars that leave escape codes in logs). Processes
+  sharing a cache dir (test workers, the hosts of one run, two experiments) prepare one after the
+  other: the first writes, the others wait on a lock file beside the folder, then read it."""
+  builder = quiet_builder(builder_cls, config, data_dir)
+  if not epath.Path(builder.data_dir).joinpath("dataset_info.json").exists():
+    with _exclusive(Path(builder.data_dir).parent / f".{Path(builder.data_dir).name}.lock"):
+      builder = quiet_builder(builder_cls, config, data_dir)  # another may have prepared it
+      if not epath.Path(builder.data_dir).joinpath("dataset_info.json").exists():
+        _prepare(builder, what)
+        return builder
+  builder.download_and_prepare()  # already prepared: a quick check
+  return builder
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+  """An exclusive advisory lock (flock) on `lock_path` while the block runs; none where the
+  platform has no fcntl."""
+  try:
+    import fcntl
+  except ImportError:
+    yield
+    return
+  lock_path.parent.mkdir(parents=True, exist_ok=True)
+  with open(lock_path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare(builder, what: str) -> None:
   import io
   from tensorflow_datasets.core.utils import tqdm_utils
-  if epath.Path(builder.data_dir).joinpath("dataset_info.json").exists():
-    builder.download_and_prepare()  # already prepared: a quick check
-    return
   log.info("preparing %s once, into %s", what, builder.data_dir)
   shown = tqdm_utils._active
   tfds.display_progress_bar(False)
@@ -567,8 +595,8 @@ def load_beir(name_or_path: str | os.PathLike,
               data_dir: str | os.PathLike | None = None) -> BeirDataset:
   """A BEIR dataset by name or path (see resolve_beir), prepared once under the cache dir."""
   source = resolve_beir(name_or_path, data_dir)
-  builder = beir_builder(source, data_dir)
-  prepare_quietly(builder, f"BEIR {source.name} from {source}")  # reuses a prepared dir
+  builder = prepare_quietly(BeirBuilder, beir_config(source), data_dir,
+                            f"BEIR {source.name} from {source}")  # reuses a prepared dir
   # The config name holds 64 bits of the checksum; the full one is in the metadata.
   if builder.info.metadata.get("checksum") != builder.builder_config.checksum:
     raise RuntimeError(f"{builder.data_dir} was written from other files than "

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from embed_jax.data.beir import prepare_quietly, quiet_builder
+from embed_jax.data.beir import prepare_quietly
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,8 @@ def _load(kind: str, name_or_path: str | os.PathLike, data_dir=None) -> Sentence
   config = SentencesConfig(name=f"{kind}-{re.sub(r'[^a-z0-9]+', '_', folder.name.lower())}-"
                                 f"{checksum[:16]}", version=SentencesBuilder.VERSION, kind=kind,
                            folder=str(folder.resolve()), checksum=checksum)
-  builder = quiet_builder(SentencesBuilder, config, data_dir)
-  prepare_quietly(builder, f"{kind} {folder.name} from {folder}")
+  builder = prepare_quietly(SentencesBuilder, config, data_dir,
+                            f"{kind} {folder.name} from {folder}")
   return SentenceDataset(builder)
 
 
