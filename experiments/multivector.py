@@ -131,9 +131,9 @@ def main():
       run_config(spec, workdir, ["--config.evals.test.at_start=True"])
     if not (workdir / "results.json").exists():
       continue
-    for when, label in (("before", "before training"), ("after", "trained")):
-      row = json.loads((workdir / f"results{'_before' if when == 'before' else ''}.json"
-                        ).read_text())["results"][0]
+    for when, file, label in (("before", "results_before.json", "before training"),
+                              ("after", "results.json", "trained")):
+      row = json.loads((workdir / file).read_text())["results"][0]
       result[f"{name}_{when}"] = {"label": f"ColBERT, random projection (`{spec}`), {label}",
                                   **row}
   write(result)
