@@ -24,7 +24,9 @@ setup(
         "tensorflow-datasets>=4.9.7",
         "array-record>=0.5",
         "tqdm",
-        "scipy",  # token pooling (hierarchical clustering) of multi-vector models
+        "scipy",  # token pooling of multi-vector models; the inverted index of sparse models
+        "bm25s>=0.2",  # BM25, the lexical reference (`embed-jax eval --model bm25`)
+        "PyStemmer>=2.2",  # BM25's English stemmer (Snowball), as BEIR's Elasticsearch analyser stems
     ],
     extras_require={
         # Tests compare against sentence-transformers (PyTorch) and pytrec_eval. Install a CPU

@@ -41,6 +41,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.multivector.projection_init = "pca"  # pca (token states' principal directions) | random
   c.multivector.projection_texts = 1024  # corpus texts the pca init is fitted on
 
+  # A sparse head (representation="sparse"): vocabulary weights scored by dot product. splade
+  # reads the model's MLM head (SPLADE, sentence-transformers' SparseEncoder); lexical is
+  # BGE-M3's learned lexical weights (a linear map of each token's state, no expansion).
+  c.sparse = ml_collections.ConfigDict()
+  c.sparse.head = "splade"  # splade | lexical
+  c.sparse.pooling = "max"  # splade: max (SPLADE v2/++) | sum (v1)
+  c.sparse.activation = "relu"  # splade: relu = log(1 + ReLU) | log1p_relu (twice log1p)
+  c.sparse.regularizer = "flops"  # flops | l1, of query and document weights
+  c.sparse.query_weight = 5e-5  # lambda_q (sentence-transformers' SPLADE example)
+  c.sparse.document_weight = 3e-5  # lambda_d, positives and hard negatives together
+  c.sparse.warmup_steps = 0  # both weights rise as (step / warmup_steps)^2 to their value
+  c.sparse.query_top_k = 0  # evaluation: keep each query's k largest weights (0: all)
+  c.sparse.document_top_k = 0  # evaluation: the same for documents
+
   # Data: pairs from a BEIR split's qrels (relevance > 0).
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "scifact"  # BEIR name under $EMBED_JAX_DATA/beir, or a folder/zip

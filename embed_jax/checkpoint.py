@@ -196,9 +196,75 @@ def _write_pylate(tmp: Path, params, config: ModelConfig, tokenizer, base_model:
   (tmp / "README.md").write_text("\n".join(card), encoding="utf-8")
 
 
+def _write_sparse(tmp: Path, params, config: ModelConfig, tokenizer, base_model: str | None) -> None:
+  """A SPLADE model as sentence-transformers' SparseEncoder writes it (MLMTransformer over a
+  BertForMaskedLM folder, then 1_SpladePooling); a lexical-weight model as a Transformer and
+  1_LexicalWeights (BGE-M3's sparse_linear: linear.weight [1, hidden], linear.bias), which
+  embed_jax reads (sentence-transformers has no such module)."""
+  from safetensors.numpy import save_file
+  head = config.sparse
+  config_json = hf.hf_config_dict(config)
+  if head.kind == "splade":
+    if config.architecture != "bert" or "mlm_head" not in params:
+      raise ValueError("a SPLADE export needs a BERT-family model with an MLM head")
+    state = {f"bert.{k}": v for k, v in hf.params_to_state_dict(params, config).items()
+             if not k.startswith("pooler.")}  # BertForMaskedLM has no pooler
+    state.update(hf.mlm_head_state(params, config))
+    config_json.update(architectures=["BertForMaskedLM"], tie_word_embeddings=True)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": hf.ST_MLM},
+               {"idx": 1, "name": "1", "path": "1_SpladePooling", "type": hf.ST_SPLADE}]
+    _write_json(tmp / "1_SpladePooling" / "config.json", {
+        "pooling_strategy": head.pooling, "activation_function": head.activation,
+        "word_embedding_dimension": config.vocab_size})
+    extra = {}
+  else:
+    state = hf.params_to_state_dict(params, config)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_LexicalWeights", "type": hf.LEXICAL_MODULE}]
+    extra = hf._linear_to_state(params["lexical"], True)
+    _write_json(tmp / "1_LexicalWeights" / "config.json", {
+        "in_features": config.hidden_size, "out_features": 1, "activation": "relu",
+        "pooling": "max over each token id's occurrences; [CLS], [SEP], [UNK], [PAD] weigh 0"})
+  _refuse_non_finite({**state, **extra})
+  _write_json(tmp / "config.json", config_json)
+  save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+  if extra:
+    save_file(extra, str(tmp / "1_LexicalWeights" / "model.safetensors"), metadata={"format": "pt"})
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(tmp))
+  _write_json(tmp / "modules.json", modules)
+  _write_json(tmp / "sentence_bert_config.json",
+              {"max_seq_length": config.max_seq_length, "do_lower_case": config.do_lower_case})
+  from embed_jax import __version__
+  _write_json(tmp / "config_sentence_transformers.json", {
+      "model_type": "SparseEncoder", "__version__": {"embed_jax": __version__},
+      "prompts": {"query": "", "document": ""}, "default_prompt_name": None,
+      "similarity_fn_name": "dot"})
+  usage = (["from sentence_transformers import SparseEncoder",
+            "model = SparseEncoder('path/to/this/folder')",
+            "embeddings = model.encode(['a first text'])  # sparse [n, vocab]"]
+           if head.kind == "splade" else
+           ["import embed_jax", "from embed_jax.representations import of_model",
+            "model = embed_jax.load('path/to/this/folder')",
+            "vectors = of_model(model).encode(model, ['a first text'])  # scipy.sparse [n, vocab]"])
+  card = ["---", "library_name: sentence-transformers" if head.kind == "splade" else "library_name: embed_jax",
+          "tags: [sparse-encoder, sparse, splade, embed_jax]" if head.kind == "splade"
+          else "tags: [sparse, lexical-weights, embed_jax]",
+          *([f"base_model: {base_model}"] if base_model and "/" in base_model
+            and not os.path.exists(base_model) else []),
+          "---", "", f"# Sparse ({head.kind}) model exported by embed_jax", "",
+          f"- Base model: `{base_model or 'unknown'}`",
+          f"- {config.architecture}, {config.num_layers} layers, hidden size {config.hidden_size}; "
+          f"one weight per vocabulary entry ({config.vocab_size}), scored by dot product",
+          f"- Max sequence length: {config.max_seq_length} tokens", "", "```python", *usage, "```", ""]
+  (tmp / "README.md").write_text("\n".join(card), encoding="utf-8")
+
+
 def _write_model(tmp: Path, params, config: ModelConfig, tokenizer, base_model: str | None) -> None:
   if config.late_interaction is not None:
     return _write_pylate(tmp, params, config, tokenizer, base_model)
+  if config.sparse is not None:
+    return _write_sparse(tmp, params, config, tokenizer, base_model)
   from safetensors.numpy import save_file
   state = hf.params_to_state_dict(params, config)
   dense = hf.dense_params_to_state(params, config) if config.dense_features else {}

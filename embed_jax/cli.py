@@ -94,7 +94,6 @@ def _str_list(text: str) -> list[str]:
 
 
 def cmd_eval(args) -> None:
-  import embed_jax
   from embed_jax import evaluate
   from embed_jax.data import load_beir
   bad = [p for p in args.precision if p not in evaluate.PRECISIONS]
@@ -102,33 +101,32 @@ def cmd_eval(args) -> None:
     raise CliError(f"--precision {','.join(bad)}: choose from {','.join(evaluate.PRECISIONS)}")
   if args.rescore and "binary" not in args.precision:
     raise CliError("--rescore re-ranks binary candidates: add binary to --precision")
+  names = args.model or ["sentence-transformers/all-MiniLM-L6-v2"]
+  if len(args.top_k) != 2 or min(args.top_k) < 0:
+    raise CliError(f"--top_k {args.top_k}: two counts >= 0, queries then documents (0: all)")
+  if len(names) > 2:
+    raise CliError(f"--model given {len(names)} times: one model, or two for a hybrid")
   output = check_output(args.output)
   dataset = load_beir(args.dataset, data_dir=args.data_dir)
   if args.split not in dataset.qrels_splits:
     raise CliError(f"split {args.split!r} not in {dataset.name}; it has "
                    f"{', '.join(dataset.qrels_splits) or 'no qrels split (qrels/<split>.tsv)'}")
-  model = embed_jax.load(args.model, max_seq_length=args.max_seq_length)
-  from embed_jax.representations import of_model
-  rep = of_model(model, truncate_queries=args.truncate_queries)
-  if rep.name == "multivector":
-    if args.dims or args.precision != ["float32"] or args.rescore:
-      raise CliError(f"{args.model} is a multi-vector model, searched by MaxSim at float32: "
-                     f"--dims, --precision and --rescore are for dense models (use --pool)")
-    dims = None
-  else:
-    if args.pool or args.plaid:
-      raise CliError(f"--pool and --plaid are for multi-vector models; {args.model} is dense")
-    if args.dims and max(args.dims) > model.dim:
-      raise CliError(f"--dims {max(args.dims)} exceeds the model's {model.dim} dimensions")
-    dims = sorted(set(args.dims or []) | {model.dim}, reverse=True)
-  out = evaluate.evaluate_retrieval(model, dataset, args.split, dims=dims, precisions=args.precision,
-                                    rescore=args.rescore, batch_size=args.batch_size,
-                                    show_progress=True, representation=rep,
-                                    pool_factors=args.pool or (), plaid=args.plaid)
+  tune = tune_qrels(args, dataset) if len(names) == 2 else None
+  outs = [eval_one(args, name, dataset, extra_qrels=tune) for name in names]
+  out = outs[0]
+  if len(names) == 2:
+    out = hybrid_result(outs, dataset.qrels(args.split), tune, args)
+  for r in out["results"]:
+    r.pop("run", None)
   s = out["settings"]
   print(f"\n{s['model']} on {s['dataset']} {s['split']}: {s['num_queries']} queries, "
         f"{s['num_docs']} documents, max_seq_length {s['max_seq_length']}\n")
   print(evaluate.format_table(out["results"]))
+  if "hybrid" in out:
+    h = out["hybrid"]
+    print(f"\nconvex weight {h['convex_weight']} on {out['settings']['model'].split(' + ')[0]}, "
+          f"tuned on {h['tune_queries']} {h['tune_split']} queries (dev nDCG@10 "
+          f"{h['tune_table'][str(h['convex_weight'])]:.4f})")
   if output:
     path = output
     atomic_write(path, lambda f: f.write(json.dumps(out, indent=2) + "\n"), "w")
@@ -137,6 +135,88 @@ def cmd_eval(args) -> None:
       md = f"{evaluate.format_table(out['results'])}\n\nSettings:\n{settings}\n"
       atomic_write(path.with_suffix(".md"), lambda f: f.write(md), "w")
     print(f"\nwrote {path}")
+
+
+def eval_one(args, name: str, dataset, extra_qrels=None) -> dict:
+  """One model's evaluation on --split (and, for a hybrid, also on the tuning queries: each
+  row keeps its run over both)."""
+  import embed_jax
+  from embed_jax import evaluate
+  from embed_jax.representations import of_model
+  model = embed_jax.load(name, max_seq_length=args.max_seq_length)
+  rep = of_model(model, truncate_queries=args.truncate_queries, query_top_k=args.top_k[0],
+                 document_top_k=args.top_k[1])
+  dims = None
+  if rep.name in ("multivector", "sparse", "bm25"):
+    if args.dims or args.precision != ["float32"] or args.rescore:
+      raise CliError(f"{name} is a {rep.name} model, searched by its own index: --dims, "
+                     f"--precision and --rescore are for dense models")
+  if rep.name != "multivector" and (args.pool or args.plaid):
+    raise CliError(f"--pool and --plaid are for multi-vector models; {name} is {rep.name}")
+  if rep.name != "sparse" and any(args.top_k):
+    raise CliError(f"--top_k prunes sparse vectors; {name} is {rep.name}")
+  if rep.name == "dense":
+    if args.dims and max(args.dims) > model.dim:
+      raise CliError(f"--dims {max(args.dims)} exceeds the model's {model.dim} dimensions")
+    dims = sorted(set(args.dims or []) | {model.dim}, reverse=True)
+  qrels = dataset.qrels(args.split)
+  if extra_qrels:
+    qrels = {**extra_qrels, **qrels}
+  out = evaluate.evaluate_retrieval(model, dataset, args.split, dims=dims, precisions=args.precision,
+                                    rescore=args.rescore, batch_size=args.batch_size,
+                                    show_progress=True, representation=rep, qrels=qrels,
+                                    pool_factors=args.pool or (), plaid=args.plaid,
+                                    keep_runs=bool(extra_qrels))
+  if extra_qrels:  # metrics of the --split queries only
+    test = dataset.qrels(args.split)
+    out["settings"]["num_queries"] = len([q for q in dataset.queries if q in test])
+    for r in out["results"]:
+      r["metrics"] = evaluate.ir_metrics(test, {q: r["run"][q] for q in test if q in r["run"]},
+                                         evaluate.DEFAULT_K)
+  return out
+
+
+def tune_qrels(args, dataset) -> dict:
+  """The qrels a hybrid's convex weight is tuned on: --tune_split, or the queries that
+  data.dev_fraction = --tune_fraction carves from it with --seed (as a training run holds them
+  out); never the evaluated split."""
+  from embed_jax.data.pairs import carve_dev
+  if args.tune_split == args.split:
+    raise CliError(f"--tune_split {args.tune_split} is the evaluated split: tune on another (the "
+                   f"weight must never see the test queries)")
+  if args.tune_split not in dataset.qrels_splits:
+    raise CliError(f"--tune_split {args.tune_split!r} not in {dataset.name}; it has "
+                   f"{', '.join(dataset.qrels_splits)}")
+  qrels = dataset.qrels(args.tune_split)
+  if args.tune_fraction:
+    _, dev = carve_dev([q for q in dataset.queries if q in qrels], args.tune_fraction, args.seed)
+    qrels = {q: qrels[q] for q in dev}
+  return qrels
+
+
+def hybrid_result(outs: list[dict], test_qrels: dict, tune: dict, args) -> dict:
+  """Both models' first rows, their reciprocal rank fusion and their convex combination with
+  the weight tuned on the tuning queries."""
+  from embed_jax import evaluate, sparse
+  runs = [o["results"][0]["run"] for o in outs]
+  weight, table = sparse.tune_convex(runs[0], runs[1], tune)
+  rows = [o["results"][0] for o in outs]
+  names = [o["settings"]["model"] for o in outs]
+  test_runs = [{q: r[q] for q in test_qrels if q in r} for r in runs]
+  for label, run in (("rrf", sparse.rrf(test_runs)),
+                     (f"convex w={weight}", sparse.convex(*test_runs, weight))):
+    rows.append({"representation": f"hybrid {label}", "dims": "",
+                 "metrics": evaluate.ir_metrics(test_qrels, run, evaluate.DEFAULT_K),
+                 "bytes_per_doc": rows[0]["bytes_per_doc"] + rows[1]["bytes_per_doc"],
+                 "ms_per_query": rows[0]["ms_per_query"] + rows[1]["ms_per_query"]})
+  for row, name in zip(rows, names):
+    row["representation"] = f"{row['representation']} ({name})"
+  settings = {**outs[0]["settings"], "model": " + ".join(names),
+              "model_fingerprint": [o["settings"]["model_fingerprint"] for o in outs]}
+  return {"settings": settings, "results": rows,
+          "hybrid": {"convex_weight": weight, "tune_split": args.tune_split,
+                     "tune_fraction": args.tune_fraction, "tune_queries": len(tune),
+                     "tune_table": {str(w): v for w, v in table.items()}}}
 
 
 def load_config(path: str, overrides: list[str]):
@@ -312,9 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="unit-length output: as the model's modules.json says, always, or never")
   e.set_defaults(func=cmd_encode)
 
-  v = add("eval", help="BEIR retrieval evaluation of a dense or multi-vector model")
-  v.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
-                 help="local folder or hub id")
+  v = add("eval", help="BEIR retrieval evaluation of a dense, multi-vector or sparse model, "
+                       "BM25, or a hybrid of two")
+  v.add_argument("--model", action="append", default=None,
+                 help="local folder, hub id or bm25 (default all-MiniLM-L6-v2); twice: a hybrid "
+                      "of the two (reciprocal rank fusion and a convex combination tuned on "
+                      "--tune_split)")
   v.add_argument("--dataset", default="scifact",
                  help="a BEIR name (found under $EMBED_JAX_DATA/beir or downloaded) or a folder/zip")
   v.add_argument("--split", default="test", help="qrels split to evaluate")
@@ -334,6 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("--pool", type=_int_list, default=None,
                  help="multi-vector models: also evaluate the token vectors pooled by these "
                       "factors, e.g. 2,3 (hierarchical clustering, as PyLate)")
+  v.add_argument("--top_k", type=_int_list, default=[0, 0],
+                 help="sparse models: keep each query's and document's k largest weights, "
+                      "e.g. 64,256 (0: all)")
+  v.add_argument("--tune_split", default="train",
+                 help="hybrids: the qrels split the convex weight is tuned on (never --split)")
+  v.add_argument("--tune_fraction", type=float, default=0.1,
+                 help="hybrids: tune on the queries this fraction carves from --tune_split with "
+                      "--seed, as data.dev_fraction holds them out of training (0: all of it)")
+  v.add_argument("--seed", type=int, default=0, help="the dev carve's seed (config.seed)")
   v.add_argument("--batch_size", type=int, default=32, help="texts per forward pass")
   v.add_argument("--max_seq_length", type=int, default=None, help="default: the model's")
   v.add_argument("--output", default=None, help="write settings and results as JSON")

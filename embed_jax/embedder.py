@@ -119,6 +119,10 @@ class Embedder:
       raise ValueError("this is a multi-vector (ColBERT) model: it gives token vectors, not one "
                        "vector per text; use embed_jax.representations.of_model(model).encode("
                        "model, texts, role='query' or 'document')")
+    if self.config.sparse is not None:
+      raise ValueError("this is a sparse model: it gives vocabulary weights, not a dense vector; "
+                       "use embed_jax.representations.of_model(model).encode(model, texts, "
+                       "role='query' or 'document') (scipy.sparse rows)")
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     d = self.dim if truncate_dim is None else int(truncate_dim)
@@ -157,7 +161,11 @@ class Embedder:
 
 def load(name_or_path: str | os.PathLike = hf.DEFAULT_MODEL, *, dtype: str = "float32",
          param_dtype: str = "float32", max_seq_length: int | None = None) -> Embedder:
-  """Loads a model from a local folder or a hub id (see `embed_jax.hf.resolve`)."""
+  """Loads a model from a local folder or a hub id (see `embed_jax.hf.resolve`); "bm25" is
+  BM25 (embed_jax.sparse.BM25Model, no weights), the lexical reference."""
+  if str(name_or_path).lower() == "bm25" and not Path(name_or_path).exists():
+    from embed_jax.sparse import BM25Model
+    return BM25Model()
   folder = hf.resolve(name_or_path)
   overrides = dict(dtype=dtype, param_dtype=param_dtype)
   if max_seq_length is not None:

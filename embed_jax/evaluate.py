@@ -319,12 +319,14 @@ def evaluate_embeddings(queries_QxD, query_ids: Sequence[str], docs_NxD,
                         dims: Sequence[int] | None = None, precisions: Sequence[str] = ("float32",),
                         rescore: int = 0, k_values: Sequence[int] = DEFAULT_K,
                         representation=None, pool_factors: Sequence[int] = (),
-                        plaid: bool = False) -> list[dict]:
+                        plaid: bool = False, keep_runs: bool = False) -> list[dict]:
   """Every index of a representation's outputs: metrics, bytes per document, ms per query.
 
   Dense (default): each d in `dims` keeps the first d dims (re-normalised), at each precision.
   Multi-vector (lists of token vectors): exact MaxSim, pooled by each of `pool_factors`, and
-  through PLAID's candidate generation (`plaid`).
+  through PLAID's candidate generation (`plaid`). Sparse (scipy CSR): the inverted index; BM25
+  (texts): bm25s. An index with `stats()` adds them to its row (non-zeros per query and
+  document, FLOPS per query, all-zero vectors). `keep_runs` adds each row's run ("run").
   """
   if representation is None:
     from embed_jax.representations import Dense
@@ -342,12 +344,17 @@ def evaluate_embeddings(queries_QxD, query_ids: Sequence[str], docs_NxD,
     run = run_from_topk(query_ids, doc_ids, scores_QxK, idx_QxK)
     results.append({"representation": index.name, "dims": d or representation.dims_of(docs_NxD),
                     "metrics": ir_metrics(qrels, run, k_values),
-                    "bytes_per_doc": index.bytes_per_doc, "ms_per_query": round(ms, 4)})
+                    "bytes_per_doc": index.bytes_per_doc, "ms_per_query": round(ms, 4),
+                    **(index.stats() if hasattr(index, "stats") else {}),
+                    **({"run": run} if keep_runs else {})})
   return results
 
 
 def model_fingerprint(model) -> str:
-  """sha256 over the parameters in export order: identifies the weights, whatever the folder."""
+  """sha256 over the parameters in export order: identifies the weights, whatever the folder
+  (a model without weights, BM25, names its settings' fingerprint)."""
+  if getattr(model, "fingerprint", None):
+    return model.fingerprint
   from embed_jax import hf
   h = hashlib.sha256()
   for key, value in sorted(hf.model_state(model.params, model.config).items()):
@@ -362,7 +369,7 @@ def evaluate_retrieval(model, dataset, split: str = "test", *, dims: Sequence[in
                        show_progress: bool | None = None,
                        qrels: Mapping[str, Mapping[str, int]] | None = None,
                        representation=None, pool_factors: Sequence[int] = (),
-                       plaid: bool = False) -> dict:
+                       plaid: bool = False, keep_runs: bool = False) -> dict:
   """Encodes a BEIR split's judged queries and the corpus once, then evaluates each index.
 
   `qrels` overrides the split's (e.g. dev queries carved from train); `representation` (default
@@ -387,12 +394,13 @@ def evaluate_retrieval(model, dataset, split: str = "test", *, dims: Sequence[in
   results = evaluate_embeddings(queries_QxD, query_ids, docs_NxD, doc_ids, qrels, dims=dims,
                                 precisions=precisions, rescore=rescore, k_values=k_values,
                                 representation=representation, pool_factors=pool_factors,
-                                plaid=plaid)
+                                plaid=plaid, keep_runs=keep_runs)
   settings = {
       "model": str(model.source), "model_fingerprint": model_fingerprint(model),
       "dataset": dataset.name, "dataset_checksum": dataset.checksum, "split": split,
       "num_queries": len(query_ids), "num_docs": len(doc_ids),
-      "max_seq_length": model.config.max_seq_length, "text": 'title + " " + text',
+      "max_seq_length": model.config.max_seq_length if hasattr(model, "config") else None,
+      "text": 'title + " " + text',
       "similarity": representation.similarity, "k_values": list(k_values), "rescore": rescore,
       "encode_seconds": round(encode_s, 2),
   }
@@ -403,15 +411,21 @@ def format_table(results: Sequence[dict], metrics: Sequence[str] = ("ndcg@10", "
                                                                      "mrr@10", "map@100")) -> str:
   """A markdown table, one row per (representation, dims), with % of float32 nDCG@10 at full dims."""
   ref = next((r["metrics"]["ndcg@10"] for r in results if r["representation"] == "float32"), None)
+  sparse = any("nnz_per_doc" in r for r in results)  # sparse and BM25 rows: their work too
   head = ["representation", "dims", *metrics, "bytes/doc", "ms/query"]
   if ref:
     head.insert(2 + len(metrics), "% of float32")
+  if sparse:
+    head += ["nnz/query", "nnz/doc", "FLOPS/query"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in results:
     row = [r["representation"], str(r["dims"])] + [f"{r['metrics'][m]:.4f}" for m in metrics]
     if ref:
       row.append(f"{100 * r['metrics']['ndcg@10'] / ref:.1f}%")
     row += [f"{r['bytes_per_doc']:g}", f"{r['ms_per_query']:.3f}"]
+    if sparse:
+      row += [f"{r[k]:,.0f}" if k in r else "" for k in ("nnz_per_query", "nnz_per_doc",
+                                                         "flops_per_query")]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 

@@ -198,6 +198,7 @@ def read_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
   st_model_cfg = _read_json(folder / "config_sentence_transformers.json", required=False) or {}
   fields["matryoshka_dims"] = tuple(st_model_cfg.get("embed_jax", {}).get("matryoshka_dims", ()))
   fields.update(late_interaction_fields(folder, modules, st_model_cfg))
+  fields.update(sparse_fields(folder, modules))
   fields["max_seq_length"] = min(fields["max_seq_length"], max_tokens)
   token_in = fields.pop("_token_dense_in", None)
   fields.pop("_token_dense_path", None)
@@ -452,6 +453,14 @@ def load(folder: str | os.PathLike, **overrides) -> tuple[ModelConfig, dict]:
     modules = _read_json(folder / "modules.json")
     path = folder / next(m["path"] for m in modules if m.get("type") == PYLATE_DENSE)
     params["token_dense"] = token_dense_state_to_params(read_safetensors(path), config, str(path))
+  if config.sparse is not None and config.sparse.kind == "splade" and "mlm_head" not in params:
+    raise ModelFormatError(f"{folder}: a SPLADE (SparseEncoder) folder needs the MLM head "
+                           f"(cls.predictions.* tensors of a BertForMaskedLM); it has none")
+  if config.sparse is not None and config.sparse.kind == "lexical":
+    modules = _read_json(folder / "modules.json")
+    path = folder / next(m["path"] for m in modules if m.get("type") == LEXICAL_MODULE)
+    params["lexical"] = _linear_from_state(read_safetensors(path), 1, config.hidden_size, True,
+                                           config.param_dtype, str(path))
   return config, params
 
 
@@ -511,7 +520,55 @@ def model_state(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
     state.update({f"2_Dense/{k}": v for k, v in dense_params_to_state(params, config).items()})
   if config.late_interaction is not None:
     state.update({f"1_Dense/{k}": v for k, v in token_dense_params_to_state(params, config).items()})
+  if config.sparse is not None and config.sparse.kind == "splade":
+    state.update(mlm_head_state(params, config))
+  if config.sparse is not None and config.sparse.kind == "lexical":
+    state.update({f"1_LexicalWeights/{k}": v for k, v in _linear_to_state(params["lexical"], True).items()})
   return state
+
+
+def mlm_head_state(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+  """The MLM head's tensors under BertForMaskedLM's names (cls.predictions.*)."""
+  out = {}
+  for e in mlm_head_table(config):
+    value = np.asarray(_get(params, e.flax))
+    out[e.hf] = np.ascontiguousarray(value.T if e.transpose else value)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse folders: sentence-transformers' SparseEncoder (SPLADE), embed_jax's lexical weights.
+# ----------------------------------------------------------------------------------------------
+
+ST_MLM = "sentence_transformers.sparse_encoder.models.MLMTransformer"
+ST_SPLADE = "sentence_transformers.sparse_encoder.models.SpladePooling"
+LEXICAL_MODULE = "embed_jax.LexicalWeights"  # BGE-M3's sparse_linear (no sentence-transformers class)
+
+
+def sparse_fields(folder: Path, modules: list[dict]) -> dict:
+  """The SparseHead of a SparseEncoder (MLMTransformer + SpladePooling) or lexical-weight
+  folder, as read_config fields; {} for any other folder."""
+  from embed_jax.models.config import SparseHead
+  types = [m.get("type", "") for m in modules]
+  if ST_SPLADE in types:
+    if ST_MLM not in types:
+      raise ModelFormatError(f"{folder / 'modules.json'}: SpladePooling needs an MLMTransformer "
+                             f"before it (embed_jax reads MLMTransformer + SpladePooling)")
+    path = next(m["path"] for m in modules if m.get("type") == ST_SPLADE)
+    cfg = _read_json(folder / path / "config.json")
+    try:
+      head = SparseHead("splade", pooling=cfg.get("pooling_strategy", "max"),
+                        activation=cfg.get("activation_function", "relu"))
+    except ValueError as e:
+      raise ModelFormatError(f"{folder / path / 'config.json'}: {e}") from None
+    return {"sparse": head, "normalize": False}
+  if LEXICAL_MODULE in types:
+    return {"sparse": SparseHead("lexical"), "normalize": False}
+  other = [t for t in types if ".sparse_encoder." in t and t not in (ST_MLM,)]
+  if other:
+    raise ModelFormatError(f"{folder / 'modules.json'}: sparse module(s) {other} are not "
+                           f"supported; embed_jax reads MLMTransformer + SpladePooling")
+  return {}
 
 
 # ----------------------------------------------------------------------------------------------

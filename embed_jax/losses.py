@@ -99,6 +99,30 @@ def maxsim_pairs(a, b) -> Array:
 
 
 MAXSIM = Score(lambda x: x, maxsim_matrix, maxsim_pairs)  # token vectors are unit already
+# Sparse vocabulary weights (SPLADE, lexical weights): the plain dot product, as an inverted
+# index scores them (sentence-transformers' SparseEncoder similarity "dot").
+DOT = Score(lambda x: x, dot_matrix, dot_pairs)
+
+
+def flops(w_BxV: Array, valid_B: Array | None = None) -> Array:
+  """The FLOPS regulariser (Paria et al. 2020; SPLADE): sum over the vocabulary of the squared
+  mean weight over the batch's valid rows, a smooth stand-in for the expected multiply-adds of a
+  query against a document. sentence-transformers' FlopsLoss."""
+  w_BxV = w_BxV.reshape(-1, w_BxV.shape[-1])
+  ok_B = _rows_valid(None if valid_B is None else jnp.reshape(valid_B, (-1,)), w_BxV.shape[0])
+  w_BxV = _zero_invalid(w_BxV, ok_B)
+  mean_V = jnp.sum(w_BxV, axis=0) / jnp.maximum(jnp.sum(ok_B), 1)
+  return jnp.sum(mean_V ** 2).astype(jnp.float32)
+
+
+def l1(w_BxV: Array, valid_B: Array | None = None) -> Array:
+  """The L1 regulariser: each valid row's summed |weight|, averaged over the rows."""
+  w_BxV = w_BxV.reshape(-1, w_BxV.shape[-1])
+  ok_B = _rows_valid(None if valid_B is None else jnp.reshape(valid_B, (-1,)), w_BxV.shape[0])
+  return _mean_over(jnp.sum(jnp.abs(_zero_invalid(w_BxV, ok_B)), axis=-1), ok_B)
+
+
+REGULARIZERS = {"flops": flops, "l1": l1}
 
 
 def _rows_valid(valid_B: Array | None, batch: int) -> Array:

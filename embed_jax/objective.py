@@ -69,6 +69,7 @@ class Term:
   label: str = ""  # per-dim metrics are <label>@<d> ("" = name)
   layer: int = 0  # 2D Matryoshka: the output after which embedded layer (0: the last)
   metrics: Callable | None = None  # (*outputs, inputs=...) -> {name: value}, logged <name>_<key>
+  ramp: Callable | None = None  # step -> factor on the weight (a warm-up); None: constant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +150,46 @@ def main_terms(config, rep=None, *, distill_projection: bool = False) -> list[Te
                             teacher_n_BxT=inputs["n_teacher_BxNxT"][:, 0],
                             valid_B=inputs["valid_B"], score=rep.score)), **prefixes),
   ]
+  if config.representation == "sparse":
+    terms += sparse_terms(config)
   return terms
+
+
+def sparse_terms(config) -> list[Term]:
+  """A sparse model's regularisers (config.sparse), as SPLADE trains them: `regularizer`
+  (flops | l1) of the query vectors and of the documents' (positives and hard negatives
+  together, as sentence-transformers' SpladeLoss), each weight rising quadratically from 0 over
+  the first `warmup_steps` steps (SPLADE's schedule)."""
+  sp = config.sparse
+  reg = losses.REGULARIZERS.get(sp.regularizer)
+  if reg is None:
+    return []  # refused by objective_problems
+
+  def ramp(step):
+    if sp.warmup_steps <= 0:
+      return 1.0
+    return jnp.minimum(1.0, (step / sp.warmup_steps)) ** 2
+
+  def documents(p, n, *, inputs):
+    valid_B = inputs["valid_B"]
+    if n is None:
+      return reg(p, valid_B)
+    n_rows = n.reshape(-1, n.shape[-1])
+    valid = jnp.concatenate([valid_B, jnp.repeat(valid_B, n.shape[1])])
+    return reg(jnp.concatenate([p, n_rows]), valid)
+
+  return [Term("query_regularizer", sp.query_weight, ("q",), "pairs",
+               lambda q, *, inputs: reg(q, inputs["valid_B"]), ramp=ramp,
+               label=f"query_{sp.regularizer}"),
+          Term("document_regularizer", sp.document_weight, ("p",), "pairs", documents,
+               optional=("n",), ramp=ramp, label=f"document_{sp.regularizer}",
+               metrics=lambda p, n, *, inputs: sparsity(p, inputs["valid_B"]))]
+
+
+def sparsity(w_BxV, valid_B) -> dict:
+  """The mean count of non-zero weights per valid row (logged as a term metric)."""
+  nnz_B = jnp.sum(w_BxV > 0, axis=-1).astype(jnp.float32)
+  return {"nnz": jnp.sum(jnp.where(valid_B, nnz_B, 0.0)) / jnp.maximum(jnp.sum(valid_B), 1)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,9 +236,10 @@ class Objective:
         out[name] = view(params, out[view.group])
     return out
 
-  def loss(self, outputs: dict, inputs: dict) -> tuple[jax.Array, dict]:
+  def loss(self, outputs: dict, inputs: dict, step=0) -> tuple[jax.Array, dict]:
     """(the weighted sum of the terms whose groups are present, metrics): <term>_loss for each,
-    <label>@<d> for each Matryoshka prefix, and any term metrics."""
+    <label>@<d> for each Matryoshka prefix, and any term metrics. `step` (the optimiser steps
+    taken) sets the weight of a term with a ramp (<term>_weight in the metrics)."""
     aux, parts = {}, []
     for t in self.terms:
       if any(g not in outputs for g in t.groups):
@@ -217,7 +258,11 @@ class Objective:
       if t.metrics is not None:
         aux.update({f"{t.name}_{k}": v for k, v in t.metrics(*args, inputs=source).items()})
       aux[f"{t.name}_loss"] = value
-      parts.append((1.0 if self.equal_weights else t.weight, value))
+      weight = 1.0 if self.equal_weights else t.weight
+      if t.ramp is not None:
+        weight = weight * t.ramp(step)
+        aux[f"{t.name}_weight"] = jnp.asarray(weight, jnp.float32)
+      parts.append((weight, value))
     return losses.weighted_sum(parts), aux
 
 
@@ -261,6 +306,26 @@ def objective_problems(config, num_devices: int) -> list[str]:
                     f"{', '.join(representations.REPRESENTATIONS)}")
   if config.loss.name not in PAIR_LOSSES or config.representation not in representations.REPRESENTATIONS:
     return problems  # the terms below cannot be built
+  if config.representation == "sparse":
+    sp = config.sparse
+    dense_only = {"matryoshka.dims": mrl.dims, "matryoshka.layers": mrl.layers,
+                  "matryoshka.self_distill.weight": sd.weight,
+                  "distill.embedding": dist.embedding, "projection.dim": proj.dim,
+                  "tasks": tuple(config.tasks.keys())}
+    problems += [f"{k}={v}: dense representation only (a sparse model's vocabulary weights are "
+                 f"scored by dot product)" for k, v in dense_only.items() if v]
+    from embed_jax.models.config import SPARSE_HEADS
+    if sp.head not in SPARSE_HEADS:
+      problems.append(f"sparse.head={sp.head!r}: choose from {', '.join(SPARSE_HEADS)}")
+    if sp.regularizer not in losses.REGULARIZERS:
+      problems.append(f"sparse.regularizer={sp.regularizer!r}: choose from "
+                      f"{', '.join(losses.REGULARIZERS)}")
+    if sp.query_weight < 0 or sp.document_weight < 0 or sp.warmup_steps < 0:
+      problems.append(f"sparse.query_weight={sp.query_weight}, document_weight="
+                      f"{sp.document_weight} and warmup_steps={sp.warmup_steps} must be >= 0")
+    if sp.query_top_k < 0 or sp.document_top_k < 0:
+      problems.append(f"sparse.query_top_k={sp.query_top_k} and document_top_k="
+                      f"{sp.document_top_k} must be >= 0 (0: keep every weight)")
   if config.representation == "multivector":
     dense_only = {"matryoshka.dims": mrl.dims, "matryoshka.self_distill.weight": sd.weight,
                   "distill.embedding": dist.embedding, "projection.dim": proj.dim,

@@ -8,7 +8,8 @@ the encoder and a score function; the trainer and the evaluator do not change.
 
     dense        one vector per text (pooling, optional Dense head), cosine similarity
     multivector  one unit vector per token (ColBERT / PyLate), MaxSim
-    next         vocabulary weights (sparse dot), pair scores (cross-encoder)
+    sparse       vocabulary weights (SPLADE, BGE-M3 lexical weights), dot product
+    bm25         BM25 over the texts (no weights; evaluation only)
 
 A text group is a query group ("q", or a task's "<task>.q") or a document group (every other);
 `for_group` gives the head for it, and `tokenize` the token ids of its texts.
@@ -258,23 +259,164 @@ class MultiVector:
     return export(params, model_config, tokenizer, out_dir, base_model=base_model)
 
 
-REPRESENTATIONS = {"dense": Dense, "multivector": MultiVector}
+class Sparse:
+  """Vocabulary-sized weights, scored by the dot product (an inverted index's score): SPLADE on
+  the MLM head or BGE-M3-style lexical weights (models.config.SparseHead). Outputs are
+  [..., V] float32, non-negative. Queries are tokenized to the query length, documents to the
+  document length, as dense models. `bind(model_config, tokenizer)` resolves the special tokens
+  the lexical head leaves out and the vocabulary the vectors index."""
+  name = "sparse"
+  score = losses.DOT
+  similarity = "dot"
+  layers = ()
+
+  def __init__(self, head=None, special_ids: tuple[int, ...] = (), group_role: str = "document",
+               query_top_k: int = 0, document_top_k: int = 0, vocab: str = ""):
+    self.head, self.special_ids, self.role = head, tuple(special_ids), group_role
+    self.query_top_k, self.document_top_k, self.vocab = query_top_k, document_top_k, vocab
+
+  def _with(self, **changes) -> "Sparse":
+    fields = dict(head=self.head, special_ids=self.special_ids, group_role=self.role,
+                  query_top_k=self.query_top_k, document_top_k=self.document_top_k,
+                  vocab=self.vocab)
+    return Sparse(**{**fields, **changes})
+
+  def bind(self, model_config, tokenizer) -> "Sparse":
+    if model_config.sparse is None:
+      kind = ("a multi-vector (ColBERT)" if model_config.late_interaction is not None
+              else "a dense")
+      raise ValueError(f"this is {kind} model (no sparse head): a sparse representation needs a "
+                       f"SPLADE / SparseEncoder or lexical-weight model, or "
+                       f"config.representation='sparse' in training")
+    from embed_jax.sparse import vocab_fingerprint
+    special = tuple(sorted({i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id,
+                                        tokenizer.pad_token_id, tokenizer.unk_token_id,
+                                        tokenizer.bos_token_id, tokenizer.eos_token_id)
+                            if i is not None}))
+    return self._with(head=model_config.sparse, special_ids=special,
+                      vocab=vocab_fingerprint(tokenizer))
+
+  def for_group(self, group: str) -> "Sparse":
+    return self._with(group_role=role(group))
+
+  def tokenize(self, tokenizer, model_config, texts, role: str, max_len: int) -> list[list[int]]:
+    from embed_jax.embedder import tokenize_texts
+    return tokenize_texts(tokenizer, model_config, texts, max_len)
+
+  # ---- in the step ----
+
+  def vectors(self, module: SentenceEncoder, params, ids_BxL, mask_BxL, *, train: bool = False,
+              dropout_rng=None) -> jax.Array:
+    kw = {"rngs": {"dropout": dropout_rng}} if train else {}
+    if self.head.kind == "splade":
+      return module.apply({"params": params}, ids_BxL, mask_BxL, deterministic=not train,
+                          method=SentenceEncoder.splade_vectors, **kw)
+    return module.apply({"params": params}, ids_BxL, mask_BxL, self.special_ids,
+                        deterministic=not train, method=SentenceEncoder.lexical_vectors, **kw)
+
+  def embed(self, module: SentenceEncoder, params, group: dict, *, train: bool,
+            dropout_rng=None, **_) -> jax.Array:
+    """Weights [..., V] of a text group {"ids": [..., L], "mask": [..., L]}."""
+    ids, mask = group["ids"], group["mask"]
+    out = self.vectors(module, params, ids.reshape(-1, ids.shape[-1]),
+                       mask.reshape(-1, ids.shape[-1]), train=train, dropout_rng=dropout_rng)
+    return out.reshape(*ids.shape[:-1], out.shape[-1])
+
+  def at_layer(self, out, index: int):
+    return out
+
+  @staticmethod
+  def prefix(out, d: int):
+    raise ValueError("Matryoshka prefixes of vocabulary weights are not supported")
+
+  # ---- outside the step ----
+
+  def encode(self, model, texts, *, batch_size: int = 32, show_progress=None,
+             role: str = "document", max_len: int | None = None):
+    """scipy.sparse CSR [n, V] float32 of `texts` (an embed_jax.Embedder with a sparse head),
+    in input order; max_len defaults to the model's max_seq_length."""
+    from embed_jax.sparse import encode_sparse
+    rep = self.bind(model.config, model.tokenizer) if self.head is None else self
+    return encode_sparse(model, rep.for_group("q" if role == "query" else "p"), texts,
+                         batch_size=batch_size, show_progress=show_progress,
+                         max_len=min(max_len or model.config.max_seq_length, model.config.max_tokens))
+
+  def search_plan(self, docs, *, dims=None, precisions=("float32",), rescore: int = 0,
+                  pool_factors=(), plaid: bool = False) -> list:
+    """[(the inverted index, None)], pruned to the top-k weights when asked."""
+    if dims or tuple(precisions) != ("float32",) or rescore or pool_factors or plaid:
+      raise ValueError("a sparse model is searched through its inverted index: --dims, "
+                       "--precision, --rescore, --pool and --plaid are for dense or multi-vector "
+                       "models (use --top_k)")
+    from embed_jax.sparse import InvertedIndex
+    return [(InvertedIndex(self.query_top_k, self.document_top_k, self.vocab), None)]
+
+  @staticmethod
+  def dims_of(docs) -> int:
+    return int(docs.shape[1])
+
+  def export(self, params, model_config, tokenizer, out_dir, *, base_model=None):
+    """A SparseEncoder folder (SPLADE) or a lexical-weight folder (embed_jax reads it)."""
+    from embed_jax.checkpoint import export
+    return export(params, model_config, tokenizer, out_dir, base_model=base_model)
+
+
+class BM25:
+  """BM25 (embed_jax.sparse.BM25Model) over the texts themselves: `encode` keeps the texts,
+  the index tokenizes them. Evaluation only."""
+  name = "bm25"
+  similarity = "bm25"
+
+  def encode(self, model, texts, *, role: str = "document", **_):
+    from embed_jax.sparse import check_texts
+    check_texts(texts)
+    return list(texts)
+
+  def search_plan(self, docs, *, dims=None, precisions=("float32",), rescore: int = 0,
+                  pool_factors=(), plaid: bool = False) -> list:
+    if dims or tuple(precisions) != ("float32",) or rescore or pool_factors or plaid:
+      raise ValueError("BM25 has no --dims, --precision, --rescore, --pool or --plaid")
+    from embed_jax.sparse import BM25Index
+    return [(BM25Index(self.model), None)]
+
+  def bind_model(self, model) -> "BM25":
+    self.model = model
+    return self
+
+  @staticmethod
+  def dims_of(docs) -> int:
+    return 0
+
+
+REPRESENTATIONS = {"dense": Dense, "multivector": MultiVector, "sparse": Sparse}
 
 
 def get(config, model_config=None, tokenizer=None):
   """The representation a training config asks for (`config.representation`), bound to the
-  model's tokenizer when given (a multi-vector head needs its token ids)."""
+  model's tokenizer when given (multi-vector and sparse heads need its token ids)."""
   if config.representation not in REPRESENTATIONS:
     raise ValueError(f"representation={config.representation!r}: choose from "
                      f"{', '.join(REPRESENTATIONS)}")
-  rep = (Dense(layers=tuple(config.matryoshka.layers)) if config.representation == "dense"
-         else MultiVector(truncate_queries=config.multivector.truncate_queries))
+  if config.representation == "dense":
+    rep = Dense(layers=tuple(config.matryoshka.layers))
+  elif config.representation == "multivector":
+    rep = MultiVector(truncate_queries=config.multivector.truncate_queries)
+  else:
+    rep = Sparse(query_top_k=config.sparse.query_top_k, document_top_k=config.sparse.document_top_k)
   return rep if model_config is None else rep.bind(model_config, tokenizer)
 
 
-def of_model(model, truncate_queries: bool = False):
+def of_model(model, truncate_queries: bool = False, query_top_k: int = 0,
+             document_top_k: int = 0):
   """The representation an embed_jax.Embedder's model has: multi-vector when it has a token
-  projection, else dense."""
+  projection, sparse when it has a sparse head, BM25 for embed_jax.sparse.BM25Model, else
+  dense."""
+  from embed_jax.sparse import BM25Model
+  if isinstance(model, BM25Model):
+    return BM25().bind_model(model)
   if model.config.late_interaction is not None:
     return MultiVector(truncate_queries=truncate_queries).bind(model.config, model.tokenizer)
+  if model.config.sparse is not None:
+    return Sparse(query_top_k=query_top_k, document_top_k=document_top_k).bind(
+        model.config, model.tokenizer)
   return Dense()

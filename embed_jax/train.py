@@ -140,18 +140,18 @@ def make_train_step(module: SentenceEncoder, objective: Objective, config: ml_co
     return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
                         frozen_mask(params, freeze))
 
-  def loss_from_local_outputs(outputs, inputs):
-    return objective.loss(_gather(outputs, axis_name), _gather(inputs, axis_name))
+  def loss_from_local_outputs(outputs, inputs, step):
+    return objective.loss(_gather(outputs, axis_name), _gather(inputs, axis_name), step)
 
-  def plain_grads(params, batch, rng, mask_key, device):
+  def plain_grads(params, batch, rng, mask_key, device, step):
     def loss_of_params(params):
       # The whole batch is chunk 0: the same dropout draw as gradient caching with one chunk.
       outputs = objective.embed(module, trainable(params), batch["groups"],
                                 jax.random.fold_in(rng, 0), train, mask_key, device)
-      return loss_from_local_outputs(outputs, batch["inputs"])
+      return loss_from_local_outputs(outputs, batch["inputs"], step)
     return jax.value_and_grad(loss_of_params, has_aux=True)(params)
 
-  def cached_grads(params, batch, rng, mask_key, device):
+  def cached_grads(params, batch, rng, mask_key, device, step):
     """Gradient caching: embed every chunk without gradients, take the loss gradient w.r.t. the
     outputs, then back-propagate chunk by chunk. Peak memory grows with the chunk only. Every
     text group is cut into the same number of chunks (the pairs' batch / chunk)."""
@@ -171,7 +171,7 @@ def make_train_step(module: SentenceEncoder, objective: Objective, config: ml_co
                           (chunks, keys, ids))
     outputs = jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), outputs)
     (loss, aux), out_grads = jax.value_and_grad(loss_from_local_outputs, has_aux=True)(
-        outputs, batch["inputs"])
+        outputs, batch["inputs"], step)
     out_grads = jax.tree.map(chunked, out_grads)
 
     def backward(acc, a):
@@ -190,7 +190,7 @@ def make_train_step(module: SentenceEncoder, objective: Objective, config: ml_co
       device = jax.lax.axis_index(axis_name)
       rng = jax.random.fold_in(rng, device)
     (loss, aux), grads = (cached_grads if chunk else plain_grads)(state.params, batch, rng,
-                                                                  step_key, device)
+                                                                  step_key, device, state.step)
     if axis_name is not None:
       # Every device computed the global loss; each gradient holds its own shard's path (times
       # the device count, from all_gather's transpose), so the mean is the full gradient.

@@ -74,3 +74,27 @@ def metrics_at_dims(workdir: str | os.PathLike, dims, dataset: str = "scifact") 
     (workdir / "results_dims.json").write_text(json.dumps(out, indent=2) + "\n")
     have.update({r["dims"]: r["metrics"] for r in out["results"]})
   return {d: have[d] for d in dims}
+
+
+def plot_ndcg_vs_bytes(points, path: Path, xlabel: str = "bytes per document (log)",
+                       legend: str = "lower left") -> None:
+  """A scatter of SciFact test nDCG@10 against bytes per document (log x) of (label, bytes,
+  ndcg, marker) points; the config names in the labels (" (`x.py` ...)") stay in the tables."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib missing (pip install -e .[plots]): no plot")
+    return
+  import re
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, x, y, marker in points:
+    ax.scatter(x, y, label=re.sub(r" \(`[^`]*`[^)]*\)", "", label), marker=marker)
+  ax.legend(fontsize=7 if len(points) < 10 else 6, loc=legend)
+  ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("SciFact test nDCG@10")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import RESULTS, run_config  # noqa: E402
+from experiments.common import RESULTS, plot_ndcg_vs_bytes, run_config  # noqa: E402
 
 OUT = RESULTS / "multivector"
 RUNS = Path("runs/multivector")
@@ -173,26 +173,9 @@ def write(result: dict) -> None:
   OUT.mkdir(parents=True, exist_ok=True)
   (OUT / "multivector.md").write_text("\n".join(lines) + "\n")
   (OUT / "multivector.json").write_text(json.dumps(result, indent=2) + "\n")
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print("matplotlib missing (pip install -e .[plots]): no plot")
-  else:
-    import re
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows.values():
-      label = re.sub(r" \(`[^`]*`[^)]*\)", "", r["label"])  # the config names stay in the table
-      ax.scatter(r["bytes_per_doc"], r["metrics"]["ndcg@10"], label=label,
-                 marker="x" if "before training" in label else "o")
-    ax.legend(fontsize=7, loc="lower left")
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes per document (log)")
-    ax.set_ylabel("SciFact test nDCG@10")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(OUT / "ndcg_vs_bytes.png", dpi=120)
+  plot_ndcg_vs_bytes([(r["label"], r["bytes_per_doc"], r["metrics"]["ndcg@10"],
+                       "x" if "before training" in r["label"] else "o") for r in rows.values()],
+                     OUT / "ndcg_vs_bytes.png")
   print("\n".join(lines))
 
 

@@ -17,9 +17,11 @@ SMOKE = {  # config file -> its smoke variant (the ones other tests train are ma
     "scifact_mlm_then_mnrl": "smoke",
     "scifact_multitask": "smoke",  # test_tasks (needs the real STS-B and SNLI files)
     "scifact_colbert": "smoke",  # test_multivector
+    "scifact_splade": "smoke",  # test_sparse
+    "scifact_lexical": "smoke",  # test_sparse
 }
 TRAINED_ELSEWHERE = {"scifact_mnrl", "scifact_hardneg", "scifact_mlm", "scifact_multitask",
-                     "scifact_colbert"}
+                     "scifact_colbert", "scifact_splade", "scifact_lexical"}
 
 
 def test_every_config_file_has_a_smoke_variant():

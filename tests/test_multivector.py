@@ -160,13 +160,16 @@ def _multivector_model(c):
   return cfg, params, tok, MultiVector().bind(cfg, tok)
 
 
-def _batch(rep, tok, cfg, seed, b=16):
+def pair_batch(tokenize, seed, b=16, suffix=" ."):
+  """A batch of b random (query, positive, hard negative) texts from a small vocabulary, through
+  `tokenize(texts, role)`, padded to 12 (queries) and 20 (documents) tokens; the last two rows
+  are padding. Positives end with `suffix` (a skiplist token for multi-vector models)."""
   r = np.random.default_rng(seed)
   words = ["cell", "protein", "gene", "mouse", "risk", "study", "the", "blood", "level", "hello"]
   text = lambda n: " ".join(r.choice(words, n))  # noqa: E731
-  q = rep.tokenize(tok, cfg, [text(r.integers(1, 6)) for _ in range(b)], "query")
-  p = rep.tokenize(tok, cfg, [text(r.integers(1, 12)) + " ." for _ in range(b)], "document")
-  n = rep.tokenize(tok, cfg, [text(r.integers(1, 12)) for _ in range(b)], "document")
+  q = tokenize([text(r.integers(1, 6)) for _ in range(b)], "query")
+  p = tokenize([text(r.integers(1, 12)) + suffix for _ in range(b)], "document")
+  n = tokenize([text(r.integers(1, 12)) for _ in range(b)], "document")
 
   def pad(rows, length):
     ids = np.zeros((len(rows), length), np.int32)
@@ -184,22 +187,16 @@ def _batch(rep, tok, cfg, seed, b=16):
   return {"groups": groups, "inputs": {"pairs": pairs}}
 
 
+def _batch(rep, tok, cfg, seed):
+  return pair_batch(lambda texts, role: rep.tokenize(tok, cfg, texts, role), seed)
+
+
 def _run(runner_name, devices, chunk=0):
-  from embed_jax import train as T
-  from embed_jax.models import SentenceEncoder
-  from embed_jax.objective import build_objective
+  from tests.test_train import run_objective
   c = _config(chunk, runner_name)
   cfg, params, tok, rep = _multivector_model(c)
-  tx, schedule = T.make_optimizer(c.optim, 10)
-  step = T.make_train_step(SentenceEncoder(cfg), build_objective(c, representation=rep), c, tx,
-                           schedule, "batch" if runner_name == "pmap" else None)
-  runner = T.make_runner(runner_name, step, devices)
-  state = runner.put_state(T.init_state(params, tx, 0))
-  out = []
-  for s in range(2):
-    state, m = runner.step(state, _batch(rep, tok, cfg, s))
-    out.append(float(m["loss"]))
-  return out, jax.tree.map(np.asarray, runner.get_state(state).params)
+  return run_objective(c, cfg, params, rep, [_batch(rep, tok, cfg, s) for s in range(2)],
+                       runner_name, devices)
 
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")

@@ -97,6 +97,24 @@ def _run(runner_name, devices, chunk=0, steps=2):
   return losses, jax.tree.map(np.asarray, runner.get_state(state).params)
 
 
+def run_objective(config, model_config, params, rep, batches, runner_name, devices):
+  """(losses, final params) of the config's objective (over `rep`) trained on `batches` under a
+  runner: what the representations' runner and grad-cache tests compare."""
+  from embed_jax import train as T
+  from embed_jax.models import SentenceEncoder
+  from embed_jax.objective import build_objective
+  tx, schedule = T.make_optimizer(config.optim, 10)
+  step = T.make_train_step(SentenceEncoder(model_config), build_objective(config, representation=rep),
+                           config, tx, schedule, "batch" if runner_name == "pmap" else None)
+  runner = T.make_runner(runner_name, step, devices)
+  state = runner.put_state(T.init_state(params, tx, 0))
+  out = []
+  for batch in batches:
+    state, m = runner.step(state, batch)
+    out.append(float(m["loss"]))
+  return out, jax.tree.map(np.asarray, runner.get_state(state).params)
+
+
 def _assert_same(a, b, tol=1e-5):
   np.testing.assert_allclose(a[0], b[0], rtol=tol, atol=tol)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=tol), a[1], b[1])

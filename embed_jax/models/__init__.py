@@ -10,7 +10,7 @@ from embed_jax.models.bert import BertModel
 from embed_jax.models.config import ModelConfig
 from embed_jax.models.mlm import MLMHead
 from embed_jax.models.mpnet import MPNetModel
-from embed_jax.models.pooling import l2_normalize, pool
+from embed_jax.models.pooling import l2_normalize, pool, splade_pool
 
 ENCODERS = {"bert": BertModel, "mpnet": MPNetModel}  # config.json `model_type` -> encoder module
 
@@ -43,6 +43,8 @@ class SentenceEncoder(nn.Module):
       li = cfg.late_interaction
       self.token_dense = nn.Dense(li.dims, use_bias=li.bias, dtype=jnp.float32,
                                   param_dtype=cfg.param_dtype)
+    if cfg.sparse is not None and cfg.sparse.kind == "lexical":  # BGE-M3's sparse_linear
+      self.lexical = nn.Dense(1, dtype=jnp.float32, param_dtype=cfg.param_dtype)
 
   def encode_tokens(self, ids_BxL, mask_BxL, *, deterministic: bool = True, all_layers: bool = False):
     return self.encoder(ids_BxL, mask_BxL, deterministic=deterministic, all_layers=all_layers)
@@ -69,6 +71,29 @@ class SentenceEncoder(nn.Module):
     L2-normalised, [B, L, D] float32 (PyLate's ColBERT). `mask_BxL` is the attention mask."""
     hidden_BxLxH = self.encode_tokens(ids_BxL, mask_BxL, deterministic=deterministic)
     return l2_normalize(self.token_dense(hidden_BxLxH.astype(jnp.float32)))
+
+  def splade_vectors(self, ids_BxL, mask_BxL, *, deterministic: bool = True) -> jnp.ndarray:
+    """A SPLADE model's output [B, V] float32: the MLM logits at every real token, through
+    log(1 + ReLU(.)) (twice log1p for log1p_relu), max- or sum-pooled over the tokens;
+    sentence-transformers' SpladePooling (padding counts as a 0 logit, as there)."""
+    head = self.config.sparse
+    hidden_BxLxH = self.encode_tokens(ids_BxL, mask_BxL, deterministic=deterministic)
+    table_VxH = self.encoder.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+    return splade_pool(self.mlm_head(hidden_BxLxH, table_VxH), mask_BxL, head.activation,
+                       head.pooling)
+
+  def lexical_vectors(self, ids_BxL, mask_BxL, special_ids: tuple[int, ...] = (), *,
+                      deterministic: bool = True) -> jnp.ndarray:
+    """A lexical-weight model's output [B, V] float32 (BGE-M3): ReLU(linear(token state)) per
+    token, each vocabulary entry the max weight of its occurrences; padding and `special_ids`
+    ([CLS], [SEP], [UNK], [PAD]) weigh nothing."""
+    hidden_BxLxH = self.encode_tokens(ids_BxL, mask_BxL, deterministic=deterministic)
+    w_BxL = jax.nn.relu(self.lexical(hidden_BxLxH.astype(jnp.float32))[..., 0])
+    keep_BxL = (mask_BxL > 0) & ~jnp.isin(ids_BxL, jnp.asarray(special_ids, ids_BxL.dtype))
+    w_BxL = jnp.where(keep_BxL, w_BxL, 0.0)
+    rows_BxL = jnp.broadcast_to(jnp.arange(ids_BxL.shape[0])[:, None], ids_BxL.shape)
+    return jnp.zeros((ids_BxL.shape[0], self.config.vocab_size), jnp.float32).at[
+        rows_BxL, ids_BxL].max(w_BxL)
 
   def mlm_logits(self, ids_BxL, mask_BxL, positions_BxK, *, deterministic: bool = True):
     """Vocabulary logits [B, K, V] at `positions` (the masked tokens), decoder tied to the word

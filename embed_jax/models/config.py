@@ -40,6 +40,31 @@ class LateInteraction:
                        f"document lengths ({self.query_length}, {self.document_length}) >= 4")
 
 
+SPARSE_HEADS = ("splade", "lexical")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseHead:
+  """A sparse (vocabulary-sized) model's head.
+
+  splade: the MLM head's logits at every token, log(1 + ReLU(logit)) (log1p_relu: once more
+    log1p, as OpenSearch's models), max- (SPLADE v2, ++) or sum-pooled (SPLADE v1) over the
+    tokens: sentence-transformers' MLMTransformer + SpladePooling.
+  lexical: BGE-M3's learned lexical weights: ReLU(linear(token state)) -> one weight per token,
+    each vocabulary entry the max over its occurrences; special tokens weigh nothing; no
+    vocabulary expansion."""
+  kind: str = "splade"
+  pooling: str = "max"  # splade: max | sum
+  activation: str = "relu"  # splade: relu | log1p_relu (sentence-transformers' names)
+
+  def __post_init__(self):
+    if self.kind not in SPARSE_HEADS or self.pooling not in ("max", "sum") or \
+        self.activation not in ("relu", "log1p_relu"):
+      raise ValueError(f"sparse head kind={self.kind!r} (choose {'/'.join(SPARSE_HEADS)}), "
+                       f"pooling={self.pooling!r} (max/sum), activation={self.activation!r} "
+                       f"(relu/log1p_relu)")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Everything needed to build the Flax module and to write the model back out.
@@ -76,6 +101,8 @@ class ModelConfig:
   # A multi-vector model (PyLate's pipeline: Transformer -> token Dense), instead of the
   # sentence-embedding pipeline above: its settings, or None.
   late_interaction: LateInteraction | None = None
+  # A sparse model (SPLADE on the MLM head, or BGE-M3-style lexical weights): its head, or None.
+  sparse: SparseHead | None = None
   dtype: str = "float32"  # compute dtype; "bfloat16" on TPU/GPU
   param_dtype: str = "float32"  # storage dtype of the parameters
   hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)

@@ -134,7 +134,55 @@ def load_model(config, workdir: Path):
   elif model_config.late_interaction is not None:
     raise ValueError(f"bad config: {source} is a multi-vector (ColBERT) model; set "
                      f"representation='multivector' to train it")
+  if config.representation == "sparse":
+    model_config, params = add_sparse_head(config, model_config, params, source)
+  elif model_config.sparse is not None:
+    raise ValueError(f"bad config: {source} is a sparse ({model_config.sparse.kind}) model; set "
+                     f"representation='sparse' to train it")
   return model_config, params, tokenizer, source
+
+
+def model_heads(model_config, params) -> list[str]:
+  """The heads a loaded model has, by name (for error messages)."""
+  out = [f"pooling ({'+'.join(model_config.pooling)})"]
+  if "dense" in params:
+    out.append("Dense")
+  if "mlm_head" in params:
+    out.append("MLM head (cls.predictions)")
+  if "token_dense" in params:
+    out.append("token projection (ColBERT)")
+  if "lexical" in params:
+    out.append("lexical weights")
+  return out
+
+
+def add_sparse_head(config, model_config, params, source: str, seed: int | None = None):
+  """A sparse head (config.sparse) on a loaded model: SPLADE reads the model's MLM head (a
+  model without one is refused, naming the heads it has); the lexical-weight head is a fresh
+  linear map hidden -> 1 (BGE-M3's sparse_linear), N(0, 1/hidden) kernel and bias 0, unless the
+  model has one. -> (model_config, params)"""
+  from embed_jax.models.config import SparseHead
+  sp = config.sparse
+  have = model_config.sparse
+  if have is not None and have.kind != sp.head:
+    raise ValueError(f"bad config: {source} is a {have.kind} model; sparse.head={sp.head!r} asks "
+                     f"for another head")
+  head = have or SparseHead(sp.head, pooling=sp.pooling, activation=sp.activation)
+  if head.kind == "splade" and config.smoke and "mlm_head" not in params:
+    params = add_mlm_head(params, SentenceEncoder(model_config), config.seed)  # a tiny random model
+  if head.kind == "splade" and ("mlm_head" not in params or model_config.architecture != "bert"):
+    raise ValueError(f"bad config: sparse.head='splade' needs a BERT-family model with an MLM head "
+                     f"(cls.predictions); {source} has {', '.join(model_heads(model_config, params))}. "
+                     f"Start from a masked-LM checkpoint (configs/scifact_mlm.py writes one to "
+                     f"<workdir>/export_mlm) or use sparse.head='lexical'")
+  if head.kind == "lexical" and "lexical" not in params:
+    seed = config.seed if seed is None else seed
+    hidden = model_config.hidden_size
+    kernel = np.random.default_rng([seed, 23]).normal(0, hidden ** -0.5, (hidden, 1))
+    params = {**params, "lexical": {"kernel": kernel.astype(np.float32),
+                                    "bias": np.zeros(1, np.float32)}}
+  log.info("sparse head: %s (%s)", head.kind, source)
+  return model_config.replace(sparse=head, normalize=False), params
 
 
 def add_prefix_tokens(model_config, params, tokenizer, tokens):

@@ -43,3 +43,15 @@ def l2_normalize(x_NxD, eps: float = 1e-12):
   x_NxD = jnp.asarray(x_NxD, jnp.float32)
   sq_Nx1 = jnp.sum(x_NxD * x_NxD, axis=-1, keepdims=True)
   return x_NxD * jax.lax.rsqrt(jnp.maximum(sq_Nx1, eps * eps))
+
+
+def splade_pool(logits_BxLxV: jnp.ndarray, mask_BxL: jnp.ndarray, activation: str = "relu",
+                pooling: str = "max") -> jnp.ndarray:
+  """SPLADE's sparse vector [B, V] from MLM logits: log(1 + ReLU(logit)) at each real token
+  (log1p_relu: log1p once more), max- or sum-pooled over the tokens. Padding counts as a 0
+  logit, as in sentence-transformers' SpladePooling (after the ReLU every value is >= 0, so it
+  never wins a max)."""
+  act_BxLxV = jnp.log1p(jax.nn.relu(logits_BxLxV * mask_BxL[..., None].astype(logits_BxLxV.dtype)))
+  if activation == "log1p_relu":
+    act_BxLxV = jnp.log1p(act_BxLxV)
+  return jnp.max(act_BxLxV, axis=1) if pooling == "max" else jnp.sum(act_BxLxV, axis=1)

@@ -1,0 +1,42 @@
+"""A SPLADE model (sparse vocabulary weights on the MLM head) trained on SciFact with the data and
+budget of configs/scifact_hardneg.py: MNRL over sparse dot products with in-batch negatives and
+one mined hard negative per pair (the same negatives file), 87 steps, plus FLOPS regularisers of
+the query and document weights that rise quadratically over the first third of the steps.
+
+    embed-jax train --config configs/scifact_mlm.py --workdir runs/domain/mlm   # the start
+    embed-jax train --config configs/scifact_splade.py --workdir runs/scifact_splade
+
+SPLADE needs an MLM head, which all-MiniLM-L6-v2 ships without: the start is the MLM-adapted
+all-MiniLM-L6-v2 that configs/scifact_mlm.py writes to runs/domain/mlm/export_mlm (its encoder
+and head trained one epoch on the SciFact corpus). Loss and regulariser weights are
+sentence-transformers' SPLADE recipe (SparseMultipleNegativesRankingLoss at scale 1 inside
+SpladeLoss, lambda_q = 5e-5, lambda_d = 3e-5, quadratic warm-up over 1/3 of the steps).
+Target: SciFact test nDCG@10 above BM25's (experiments/sparse.py measures both).
+`:smoke` runs in seconds on a tiny random model (with a random MLM head).
+"""
+
+from configs import base, scifact_hardneg
+
+MLM_EXPORT = "runs/domain/mlm/export_mlm"  # configs/scifact_mlm.py's BertForMaskedLM export
+
+
+def get_config(arg: str | None = None):
+  flags = base.variants(arg, ("smoke",), "scifact_splade.py")
+  c = scifact_hardneg.get_config()
+  c.data.mine.enabled = False  # the hardneg recipe's negatives (mined by all-MiniLM-L6-v2)
+  c.init = MLM_EXPORT
+  c.representation = "sparse"
+  c.sparse.head = "splade"
+  c.sparse.regularizer = "flops"
+  c.sparse.query_weight = 5e-5
+  c.sparse.document_weight = 3e-5
+  c.sparse.warmup_steps = 29  # a third of the 87 steps
+  c.loss.scale = 1.0  # dot products of SPLADE weights are the logits (sentence-transformers)
+  c.evals.test.at_start = True  # the MLM head's SPLADE vectors before any ranking training
+  if "smoke" in flags:
+    base.apply_smoke(c)
+    c.init = ""
+    c.data.negatives = ""
+    c.data.num_negatives = 0
+    c.sparse.warmup_steps = 2
+  return c

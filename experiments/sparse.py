@@ -1,0 +1,195 @@
+"""Sparse retrieval on SciFact: BM25, SPLADE and lexical-weight models trained with the hardneg
+recipe's data and budget, the dense hardneg model, and hybrids of them; quality against
+non-zeros and bytes per document. Writes experiments/results/sparse/{sparse.md,sparse.json,
+ndcg_vs_bytes.png}.
+
+    EMBED_JAX_DATA=../shared/data python experiments/sparse.py [--tabulate]
+
+Stages, each resumable and each training in its own process (runs/sparse/<name>, the MLM start
+in runs/domain/mlm as configs/scifact_splade.py expects):
+  mlm        configs/scifact_mlm.py: all-MiniLM-L6-v2 with an MLM head trained on the corpus
+  splade     configs/scifact_splade.py from it (MNRL + FLOPS, one hard negative, 78 steps)
+  dense      configs/scifact_hardneg.py, the dense reference with the same data
+  lexical    configs/scifact_lexical.py (BGE-M3's lexical weights on all-MiniLM-L6-v2)
+Every training holds out 10% of the train queries (data.dev_fraction = 0.1, seed 0): the convex
+fusion weight of each hybrid is tuned on those dev queries, never on test. Each model's run over
+the test and dev queries is cached in its workdir (retrieval.json); BM25 (bm25s) runs in the same
+process as the table. Run it on an idle machine: the times are part of the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.common import REPO, RESULTS, plot_ndcg_vs_bytes, run_config  # noqa: E402
+
+OUT = RESULTS / "sparse"
+RUNS = Path("runs/sparse")
+DEV = ["--config.data.dev_fraction=0.1"]  # the dev queries the fusion weights are tuned on
+TRAININGS = {  # name -> (config spec, workdir, overrides)
+    "mlm": ("scifact_mlm", Path("runs/domain/mlm"), []),
+    "splade": ("scifact_splade", RUNS / "splade", DEV),
+    "dense": ("scifact_hardneg", RUNS / "dense_hardneg", DEV + ["--config.data.mine.enabled=False"]),
+    "lexical": ("scifact_lexical", RUNS / "lexical", DEV),
+}
+SINGLE = {"bm25": "BM25 (bm25s, Lucene BM25 k1 1.2 b 0.75, stemmed)",
+          "splade": "SPLADE (`scifact_splade.py`), trained",
+          "lexical": "lexical weights (`scifact_lexical.py`), trained",
+          "dense": "dense hardneg (`scifact_hardneg.py`, 10% dev held out)"}
+HYBRIDS = (("dense", "bm25"), ("dense", "splade"), ("dense", "lexical"), ("splade", "bm25"))
+KEEP = 100  # documents kept per query in the cached runs (fusion reads the top 100 of each)
+
+
+def dev_and_test():
+  from embed_jax.data import load_beir
+  from embed_jax.data.pairs import carve_dev
+  data = load_beir("scifact")
+  train = data.qrels("train")
+  _, dev = carve_dev([q for q in data.queries if q in train], 0.1, 0)
+  return data, {q: train[q] for q in dev}, data.qrels("test")
+
+
+def retrieval(name: str, model_path) -> dict:
+  """A model's test metrics, index statistics and its runs over the test and dev queries (top
+  KEEP), cached in its workdir (BM25: in runs/sparse/bm25)."""
+  cache = (RUNS / "bm25" if name == "bm25" else Path(model_path).parent) / "retrieval.json"
+  if cache.exists():
+    return json.loads(cache.read_text())
+  import embed_jax
+  from embed_jax.evaluate import DEFAULT_K, evaluate_retrieval, ir_metrics
+  data, dev, test = dev_and_test()
+  model = embed_jax.load(model_path)
+  out = evaluate_retrieval(model, data, "test", qrels={**dev, **test}, keep_runs=True,
+                           batch_size=64)
+  row = out["results"][0]
+  run = {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:KEEP]) for q, docs in row.pop("run").items()}
+  row["metrics"] = ir_metrics(test, {q: run[q] for q in test}, DEFAULT_K)
+  row["dev_ndcg@10"] = ir_metrics(dev, {q: run[q] for q in dev}, (10,))["ndcg@10"]
+  result = {"row": row, "settings": out["settings"], "run": run}
+  cache.parent.mkdir(parents=True, exist_ok=True)
+  cache.write_text(json.dumps(result) + "\n")
+  return result
+
+
+def train_stage(name: str) -> None:
+  """One training, in this process (the driver starts one process per training); a finished
+  one (its export written) is not touched again."""
+  spec, workdir, overrides = TRAININGS[name]
+  if (workdir / ("export_mlm" if name == "mlm" else "export")).exists():
+    return
+  run_config(spec, workdir, overrides)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--tabulate", action="store_true", help="only rewrite the table from the runs")
+  p.add_argument("--train", choices=sorted(TRAININGS), help=argparse.SUPPRESS)  # one stage
+  args = p.parse_args()
+  if args.train:
+    return train_stage(args.train)
+  if not args.tabulate:
+    from experiments.multivector import ensure_negatives
+    ensure_negatives()
+    for name in TRAININGS:  # each in its own process (vm.max_map_count)
+      subprocess.run([sys.executable, __file__, "--train", name], check=True, cwd=REPO)
+  result = {}
+  runs = {}
+  for name in SINGLE:
+    if name != "bm25" and not (TRAININGS[name][1] / "export").exists():
+      print(f"{name}: not trained yet; run without --tabulate")
+      continue
+    r = retrieval(name, "bm25" if name == "bm25" else TRAININGS[name][1] / "export")
+    result[name] = {"label": SINGLE[name], **r["row"]}
+    runs[name] = r["run"]
+    if name != "bm25":
+      workdir = TRAININGS[name][1]
+      before = json.loads((workdir / "results_before.json").read_text())["results"][0]
+      result[f"{name}_before"] = {"label": SINGLE[name].replace("trained", "before training"),
+                                  **before}
+      if (workdir / "wall_clock.json").exists():
+        result[name]["train_minutes"] = json.loads((workdir / "wall_clock.json").read_text())["seconds"] / 60
+  result.update(hybrids(runs))
+  write(result)
+
+
+def hybrids(runs: dict) -> dict:
+  from embed_jax.evaluate import DEFAULT_K, ir_metrics
+  from embed_jax.sparse import convex, rrf, tune_convex
+  _, dev, test = dev_and_test()
+  out = {}
+  for a, b in HYBRIDS:
+    if a not in runs or b not in runs:
+      continue
+    weight, table = tune_convex(runs[a], runs[b], dev)
+    t_a = {q: runs[a][q] for q in test}
+    t_b = {q: runs[b][q] for q in test}
+    for kind, run in (("rrf", rrf([t_a, t_b])), ("convex", convex(t_a, t_b, weight))):
+      label = (f"hybrid {a} + {b}, " + ("reciprocal rank fusion (k 60)" if kind == "rrf"
+                                         else f"convex, weight {weight:.2f} on {a} (tuned on dev)"))
+      out[f"{a}+{b}_{kind}"] = {"label": label, "metrics": ir_metrics(test, run, DEFAULT_K),
+                                "parts": [a, b], **({"weight": weight, "dev_table": table}
+                                                    if kind == "convex" else {})}
+  return out
+
+
+def write(result: dict) -> None:
+  rows = {k: v for k, v in result.items() if isinstance(v, dict)}
+
+  def cost(r, key):
+    if "parts" in r:
+      return sum(rows[p].get(key) or 0 for p in r["parts"])
+    return r.get(key)
+
+  lines = ["# Sparse retrieval against BM25 and dense on SciFact", "",
+           "`python experiments/sparse.py`. SciFact test, 300 queries, 5,183 documents. The trained "
+           "models use the hardneg recipe's data and budget (batch 32, 3 epochs, lr 5e-5, one hard "
+           "negative per pair from the same file) with 10% of the train queries held out as dev "
+           "queries, on which each hybrid's convex weight is tuned. Non-zeros are per document; "
+           "bytes per document count a 4-byte id and a 4-byte weight per posting (dense: 4 bytes "
+           "per dimension); a hybrid's cost is the sum of its parts.", "",
+           "| model | nDCG@10 | Recall@100 | non-zeros/doc | non-zeros/query | bytes/doc | ms/query |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows.values():
+    m = r["metrics"]
+    nnz_d, nnz_q, b, ms = (cost(r, k) for k in ("nnz_per_doc", "nnz_per_query", "bytes_per_doc",
+                                                "ms_per_query"))
+    fmt = lambda x, f: "" if x is None else format(x, f)  # noqa: E731
+    lines.append(f"| {r['label']} | {m['ndcg@10']:.4f} | {m['recall@100']:.4f} | {fmt(nnz_d, ',.0f')} "
+                 f"| {fmt(nnz_q, ',.0f')} | {fmt(b, ',.0f')} | {fmt(ms, '.2f')} |")
+  singles = {k: r for k, r in rows.items() if k in SINGLE}
+  fused = {k: r for k, r in rows.items() if "parts" in r}
+  lines.append("")
+  if "splade" in singles and "bm25" in singles:
+    d = singles["splade"]["metrics"]["ndcg@10"] - singles["bm25"]["metrics"]["ndcg@10"]
+    lines.append(f"- SPLADE against BM25: {d:+.4f} nDCG@10 ({'beats it' if d > 0 else 'target missed'}).")
+  if singles and fused:
+    best_single = max(singles, key=lambda k: singles[k]["metrics"]["ndcg@10"])
+    best_fused = max(fused, key=lambda k: fused[k]["metrics"]["ndcg@10"])
+    d = fused[best_fused]["metrics"]["ndcg@10"] - singles[best_single]["metrics"]["ndcg@10"]
+    lines.append(f"- Best hybrid ({fused[best_fused]['label']}) against the best single model "
+                 f"({singles[best_single]['label']}): {d:+.4f} nDCG@10 (target >= +0.010: "
+                 f"{'met' if d >= 0.010 else 'missed'}).")
+  for k, r in singles.items():
+    if "train_minutes" in r:
+      lines.append(f"- {r['label']}: training wall clock {r['train_minutes']:.0f} min, evaluations "
+                   f"included.")
+  OUT.mkdir(parents=True, exist_ok=True)
+  (OUT / "sparse.md").write_text("\n".join(lines) + "\n")
+  (OUT / "sparse.json").write_text(json.dumps(result, indent=2) + "\n")
+  plot_ndcg_vs_bytes([(r["label"], cost(r, "bytes_per_doc"), r["metrics"]["ndcg@10"],
+                       "x" if "before training" in r["label"] else ("^" if "parts" in r else "o"))
+                      for r in rows.values() if cost(r, "bytes_per_doc")],
+                     OUT / "ndcg_vs_bytes.png",
+                     "bytes per document (log; sparse: 8 per non-zero; hybrids: both parts)",
+                     "lower right")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()
