@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from embed_jax import losses
+from tests.test_configs import store  # noqa: F401 (a tiny teacher store, for distillation)
 
 TEXTS = ["Vitamin D deficiency raises the risk of fractures.", "hello world", "x",
          "Proteins fold; genes express... and cells divide!", "The mouse gene (Ptf1a) is 50% smaller.",
@@ -311,6 +312,21 @@ def test_sparse_smoke_configs_train_export_and_evaluate(tiny_beir, tmp_path, hea
   assert row["representation"] == "sparse" and row["dims"] == 130
   assert row["nnz_per_doc"] > 0 and row["flops_per_query"] > 0 and row["zero_queries"] == 0
   assert 0 <= out["test_ndcg@10"] <= 1
+
+
+def test_splade_distils_from_a_teacher_store(store, tmp_path, monkeypatch):
+  """Distillation from teacher scores over sparse dot products: the KL of the in-batch score
+  distributions of queries x positives, against a stored teacher's cosine scores."""
+  from embed_jax import train as T
+  store_dir, beir = store
+  monkeypatch.setenv("EMBED_JAX_CACHE", str(tmp_path / "tfds-cache"))
+  c = _config()
+  c.data.dataset, c.distill.store, c.distill.pair_scores = str(beir), str(store_dir), 1.0
+  c.evals.test.at_start = c.evals.test.at_end = False
+  T.train(c, tmp_path / "run")
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  kl = [r["distill_pair_scores_loss"] for r in rows if "distill_pair_scores_loss" in r]
+  assert kl and all(np.isfinite(kl)) and kl[0] > 0
 
 
 def test_eval_of_bm25_and_a_hybrid_with_a_sparse_model(tiny_beir, splade_folder, tmp_path, capsys):

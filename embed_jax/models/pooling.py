@@ -51,7 +51,12 @@ def splade_pool(logits_BxLxV: jnp.ndarray, mask_BxL: jnp.ndarray, activation: st
   (log1p_relu: log1p once more), max- or sum-pooled over the tokens. Padding counts as a 0
   logit, as in sentence-transformers' SpladePooling (after the ReLU every value is >= 0, so it
   never wins a max)."""
-  act_BxLxV = jnp.log1p(jax.nn.relu(logits_BxLxV * mask_BxL[..., None].astype(logits_BxLxV.dtype)))
+  logits_BxLxV = logits_BxLxV * mask_BxL[..., None].astype(logits_BxLxV.dtype)
+  act = lambda x: jnp.log1p(jax.nn.relu(x))  # noqa: E731
+  if pooling == "max":  # the activation is monotone: take the max first, one V-vector per row
+    out_BxV = act(jnp.max(logits_BxLxV, axis=1))
+    return jnp.log1p(out_BxV) if activation == "log1p_relu" else out_BxV
+  act_BxLxV = act(logits_BxLxV)
   if activation == "log1p_relu":
     act_BxLxV = jnp.log1p(act_BxLxV)
-  return jnp.max(act_BxLxV, axis=1) if pooling == "max" else jnp.sum(act_BxLxV, axis=1)
+  return jnp.sum(act_BxLxV, axis=1)
