@@ -66,3 +66,17 @@ def write_tiny_beir(root: Path) -> Path:
 def tiny_beir(tmp_path, monkeypatch) -> Path:
   monkeypatch.setenv("EMBED_JAX_CACHE", str(tmp_path / "tfds-cache"))
   return write_tiny_beir(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+  """A teacher store of a tiny 48-dim teacher over the tiny BEIR folder (distillation configs)."""
+  import embed_jax
+  from embed_jax.data import load_beir
+  from embed_jax.data.teacher import build_store
+  from embed_jax.testing import make_tiny_model
+  root = tmp_path_factory.mktemp("store")
+  beir = write_tiny_beir(root / "beir")
+  teacher = embed_jax.load(make_tiny_model(root / "teacher", seed=1, hidden_size=48))
+  return build_store(teacher, load_beir(str(beir)), ("corpus", "queries"), root / "store",
+                     name="tiny48"), beir

@@ -29,21 +29,6 @@ def test_every_config_file_has_a_smoke_variant():
   assert files == set(SMOKE), "add the new config's smoke variant to SMOKE"
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-  """A teacher store of a tiny 48-dim teacher over the tiny BEIR folder (distillation configs)."""
-  import embed_jax
-  from embed_jax.data import load_beir
-  from embed_jax.data.teacher import build_store
-  from embed_jax.testing import make_tiny_model
-  from tests.conftest import write_tiny_beir
-  root = tmp_path_factory.mktemp("store")
-  beir = write_tiny_beir(root / "beir")
-  teacher = embed_jax.load(make_tiny_model(root / "teacher", seed=1, hidden_size=48))
-  return build_store(teacher, load_beir(str(beir)), ("corpus", "queries"), root / "store",
-                     name="tiny48"), beir
-
-
 @pytest.mark.parametrize("name", sorted(set(SMOKE) - TRAINED_ELSEWHERE))
 def test_smoke_variant_trains(name, store, tmp_path, monkeypatch):
   from embed_jax import train as T

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from embed_jax import losses
-from tests.test_configs import store  # noqa: F401 (a tiny teacher store, for distillation)
 
 TEXTS = ["Vitamin D deficiency raises the risk of fractures.", "hello world", "x",
          "Proteins fold; genes express... and cells divide!", "The mouse gene (Ptf1a) is 50% smaller.",
