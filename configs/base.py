@@ -52,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.sparse.query_weight = 5e-5  # lambda_q (sentence-transformers' SPLADE example)
   c.sparse.document_weight = 3e-5  # lambda_d, positives and hard negatives together
   c.sparse.warmup_steps = 0  # both weights rise as (step / warmup_steps)^2 to their value
+  # SPLADE from an MLM head: shift its bias (the masked-LM is unchanged) so that the starting
+  # documents average this many non-zeros, calibrated on init_texts corpus texts; 0: as it is.
+  c.sparse.init_doc_nnz = 256
+  c.sparse.init_texts = 256
   c.sparse.query_top_k = 0  # evaluation: keep each query's k largest weights (0: all)
   c.sparse.document_top_k = 0  # evaluation: the same for documents
 

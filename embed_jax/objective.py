@@ -323,6 +323,9 @@ def objective_problems(config, num_devices: int) -> list[str]:
     if sp.query_weight < 0 or sp.document_weight < 0 or sp.warmup_steps < 0:
       problems.append(f"sparse.query_weight={sp.query_weight}, document_weight="
                       f"{sp.document_weight} and warmup_steps={sp.warmup_steps} must be >= 0")
+    if sp.init_doc_nnz < 0 or (sp.init_doc_nnz and sp.init_texts < 1):
+      problems.append(f"sparse.init_doc_nnz={sp.init_doc_nnz} must be >= 0 (0: the MLM head as it "
+                      f"is) and sparse.init_texts={sp.init_texts} >= 1")
     if sp.query_top_k < 0 or sp.document_top_k < 0:
       problems.append(f"sparse.query_top_k={sp.query_top_k} and document_top_k="
                       f"{sp.document_top_k} must be >= 0 (0: keep every weight)")

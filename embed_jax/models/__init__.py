@@ -82,6 +82,14 @@ class SentenceEncoder(nn.Module):
     return splade_pool(self.mlm_head(hidden_BxLxH, table_VxH), mask_BxL, head.activation,
                        head.pooling)
 
+  def splade_max_logits(self, ids_BxL, mask_BxL) -> jnp.ndarray:
+    """[B, V]: each vocabulary entry's highest MLM logit over the real tokens (padding counts as
+    0, as in splade_vectors): what SPLADE's max pooling keeps, before the activation."""
+    hidden_BxLxH = self.encode_tokens(ids_BxL, mask_BxL)
+    table_VxH = self.encoder.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
+    logits_BxLxV = self.mlm_head(hidden_BxLxH, table_VxH)
+    return jnp.max(logits_BxLxV * mask_BxL[..., None].astype(logits_BxLxV.dtype), axis=1)
+
   def lexical_vectors(self, ids_BxL, mask_BxL, special_ids: tuple[int, ...] = (), *,
                       deterministic: bool = True) -> jnp.ndarray:
     """A lexical-weight model's output [B, V] float32 (BGE-M3): ReLU(linear(token state)) per

@@ -135,7 +135,8 @@ def load_model(config, workdir: Path):
     raise ValueError(f"bad config: {source} is a multi-vector (ColBERT) model; set "
                      f"representation='multivector' to train it")
   if config.representation == "sparse":
-    model_config, params = add_sparse_head(config, model_config, params, source)
+    model_config, params = add_sparse_head(config, model_config, params, source,
+                                           tokenizer=tokenizer, workdir=workdir)
   elif model_config.sparse is not None:
     raise ValueError(f"bad config: {source} is a sparse ({model_config.sparse.kind}) model; set "
                      f"representation='sparse' to train it")
@@ -156,11 +157,13 @@ def model_heads(model_config, params) -> list[str]:
   return out
 
 
-def add_sparse_head(config, model_config, params, source: str, seed: int | None = None):
+def add_sparse_head(config, model_config, params, source: str, seed: int | None = None,
+                    tokenizer=None, workdir: Path | None = None):
   """A sparse head (config.sparse) on a loaded model: SPLADE reads the model's MLM head (a
-  model without one is refused, naming the heads it has); the lexical-weight head is a fresh
-  linear map hidden -> 1 (BGE-M3's sparse_linear), N(0, 1/hidden) kernel and bias 0, unless the
-  model has one. -> (model_config, params)"""
+  model without one is refused, naming the heads it has), its bias shifted so that the starting
+  documents average `sparse.init_doc_nnz` non-zero weights (see splade_bias_shift); the
+  lexical-weight head is a fresh linear map hidden -> 1 (BGE-M3's sparse_linear), N(0, 1/hidden)
+  kernel and bias 0, unless the model has one. -> (model_config, params)"""
   from embed_jax.models.config import SparseHead
   sp = config.sparse
   have = model_config.sparse
@@ -175,6 +178,13 @@ def add_sparse_head(config, model_config, params, source: str, seed: int | None 
                      f"(cls.predictions); {source} has {', '.join(model_heads(model_config, params))}. "
                      f"Start from a masked-LM checkpoint (configs/scifact_mlm.py writes one to "
                      f"<workdir>/export_mlm) or use sparse.head='lexical'")
+  if head.kind == "splade" and have is None and sp.init_doc_nnz > 0 and workdir is not None:
+    shift = float(cached(workdir / "splade_bias_shift.npy", lambda: np.float32(
+        splade_bias_shift(config, model_config.replace(sparse=head), params, tokenizer))))
+    mlm = {**params["mlm_head"], "bias": np.asarray(params["mlm_head"]["bias"]) - shift}
+    params = {**params, "mlm_head": mlm}
+    log.info("SPLADE: the MLM head's bias shifted by %.3f, for %d non-zeros per starting document "
+             "(the softmax, and so the masked-LM, is unchanged)", -shift, sp.init_doc_nnz)
   if head.kind == "lexical" and "lexical" not in params:
     seed = config.seed if seed is None else seed
     hidden = model_config.hidden_size
@@ -236,6 +246,32 @@ def add_multivector_head(config, model_config, params, tokenizer, workdir: Path)
   log.info("multi-vector head: %d -> %d token projection (%s init), markers %r / %r",
            hidden, li.dims, mv.projection_init, li.query_prefix, li.document_prefix)
   return model_config, {**params, "token_dense": {"kernel": np.asarray(kernel, np.float32)}}
+
+
+def splade_bias_shift(config, model_config, params, tokenizer) -> float:
+  """The constant to subtract from an MLM head's bias so that SPLADE vectors of a seeded sample
+  of `sparse.init_texts` corpus texts average `sparse.init_doc_nnz` non-zeros. SPLADE keeps the
+  logits above 0; the masked-LM objective never sets where 0 lies (its softmax ignores a constant
+  shift), and a head trained briefly on a small corpus, as configs/scifact_mlm.py's, has positive
+  logits for nearly the whole vocabulary at some token of every document (30,512 of 30,522 here):
+  every document then matches every query. Shifting the bias moves the threshold without changing
+  the masked-LM at all."""
+  from embed_jax.data import load_beir
+  from embed_jax.embedder import bucketed_batches, tokenize_texts
+  sp = config.sparse
+  texts = load_beir(config.data.dataset, data_dir=config.data.data_dir or None).corpus_texts(" ")
+  take = sorted(np.random.default_rng([config.seed, 29]).permutation(len(texts))[:sp.init_texts])
+  rows = tokenize_texts(tokenizer, model_config, [texts[i] for i in take], config.max_seq_length)
+  module = SentenceEncoder(model_config)
+  top = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask,
+                                                  method=SentenceEncoder.splade_max_logits))
+  log.info("sparse.init_doc_nnz=%d: the MLM head's logits over %d corpus texts", sp.init_doc_nnz,
+           len(rows))
+  maxima = [np.asarray(top(params, ids, mask))[:len(idx)] for idx, ids, mask in bucketed_batches(
+      rows, config.encode_batch_size, config.max_seq_length, model_config.pad_token_id)]
+  maxima_NxV = np.concatenate(maxima)
+  keep = min(sp.init_doc_nnz, maxima_NxV.shape[1])
+  return float(np.quantile(maxima_NxV, 1 - keep / maxima_NxV.shape[1]))
 
 
 def token_pca_kernel(config, model_config, params, tokenizer) -> np.ndarray:
