@@ -19,7 +19,9 @@ Seismic's approximate blocks), with quantised weights.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -180,6 +182,45 @@ class InvertedIndex:
   def stats(self) -> dict:
     return {"nnz_per_doc": float(self.doc_nnz_N.mean()),
             "zero_docs": int((self.doc_nnz_N == 0).sum()), **self.query_stats}
+
+  def save(self, folder, corpus_checksum: str = "") -> Path:
+    """Writes the posting lists and a manifest naming the vocabulary (`vocab`: the model's
+    tokenizer fingerprint) and corpus, atomically (a temporary folder renamed over `folder`)."""
+    import scipy.sparse as sp
+
+    from embed_jax.checkpoint import _atomic_folder
+    if not self.vocab:
+      raise ValueError("this index does not know its vocabulary: build it through the model's "
+                       "representation (representations.of_model(model).search_plan)")
+
+    def fill(tmp: Path) -> None:
+      sp.save_npz(tmp / "postings.npz", self.postings_VxN)
+      manifest = {"kind": "sparse", "vocab": self.vocab, "vocab_size": self.vocab_size,
+                  "num_docs": self.num_docs, "corpus_checksum": corpus_checksum,
+                  "query_top_k": self.query_top_k, "document_top_k": self.document_top_k}
+      (tmp / "config.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return _atomic_folder(Path(folder), fill)
+
+  @classmethod
+  def load(cls, folder, vocab: str, corpus_checksum: str = "") -> "InvertedIndex":
+    """An index saved by `save`, refused (one line) when it was built over another vocabulary
+    (another tokenizer: its columns would mean other tokens) or another corpus."""
+    import scipy.sparse as sp
+    folder = Path(folder)
+    if not (folder / "config.json").exists() or not (folder / "postings.npz").exists():
+      raise FileNotFoundError(f"{folder} is not a sparse index (config.json and postings.npz)")
+    manifest = json.loads((folder / "config.json").read_text())
+    if manifest["vocab"] != vocab:
+      raise ValueError(f"{folder} was built over another vocabulary (tokenizer {manifest['vocab'][:12]}, "
+                       f"this model's {vocab[:12]}): build the index again with this model")
+    if corpus_checksum and manifest["corpus_checksum"] != corpus_checksum:
+      raise ValueError(f"{folder} was built from another corpus: build the index again")
+    index = cls(manifest["query_top_k"], manifest["document_top_k"], vocab)
+    index.postings_VxN = sp.load_npz(folder / "postings.npz").tocsr()
+    index.vocab_size, index.num_docs = index.postings_VxN.shape
+    index.df_V = np.diff(index.postings_VxN.indptr)
+    index.doc_nnz_N = np.bincount(index.postings_VxN.indices, minlength=index.num_docs)
+    return index
 
 
 # ----------------------------------------------------------------------------------------------

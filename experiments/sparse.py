@@ -9,9 +9,9 @@ Stages, each resumable and each training in its own process (runs/sparse/<name>,
 in runs/domain/mlm as configs/scifact_splade.py expects):
   mlm        configs/scifact_mlm.py: all-MiniLM-L6-v2 with an MLM head trained on the corpus
   dense      configs/scifact_hardneg.py, the dense reference with the same data
-  lexical    configs/scifact_lexical.py (BGE-M3's lexical weights on all-MiniLM-L6-v2)
   splade     configs/scifact_splade.py from the MLM export (MNRL + FLOPS, one hard negative,
              78 steps; the longest: the MLM head's vocabulary logits at every token)
+  lexical    configs/scifact_lexical.py (BGE-M3's lexical weights on all-MiniLM-L6-v2)
 Every training holds out 10% of the train queries (data.dev_fraction = 0.1, seed 0): the convex
 fusion weight of each hybrid is tuned on those dev queries, never on test. Each model's run over
 the test and dev queries is cached in its workdir (retrieval.json); BM25 (bm25s) runs in the same
@@ -38,8 +38,8 @@ DEV = ["--config.data.dev_fraction=0.1", "--config.evals.test.at_end=False"]
 TRAININGS = {  # name -> (config spec, workdir, overrides), trained in this order
     "mlm": ("scifact_mlm", Path("runs/domain/mlm"), []),
     "dense": ("scifact_hardneg", RUNS / "dense_hardneg", DEV + ["--config.data.mine.enabled=False"]),
-    "lexical": ("scifact_lexical", RUNS / "lexical", DEV),
     "splade": ("scifact_splade", RUNS / "splade", DEV),
+    "lexical": ("scifact_lexical", RUNS / "lexical", DEV),
 }
 SINGLE = {"bm25": "BM25 (bm25s, Lucene BM25 k1 1.2 b 0.75, stemmed)",
           "splade": "SPLADE (`scifact_splade.py`), trained",

@@ -191,6 +191,24 @@ def test_zero_vectors_are_counted_and_a_vocabulary_mismatch_is_refused():
     index.search(_random_sparse(2, 99, 0.1, 5), 3)
 
 
+def test_a_saved_index_searches_the_same_and_refuses_another_vocabulary(splade_folder, tmp_path):
+  import embed_jax
+  from embed_jax.representations import of_model
+  from embed_jax.sparse import InvertedIndex
+  model = embed_jax.load(splade_folder)
+  rep = of_model(model)
+  index = rep.search_plan(None)[0][0]
+  index.index(rep.encode(model, TEXTS[:8]))
+  queries = rep.encode(model, ["cell protein", "risk"], role="query")
+  index.save(tmp_path / "index")
+  loaded = InvertedIndex.load(tmp_path / "index", rep.vocab)
+  for a, b in zip(index.search(queries, 3), loaded.search(queries, 3)):
+    np.testing.assert_array_equal(a, b)
+  assert loaded.stats()["nnz_per_doc"] == index.stats()["nnz_per_doc"]
+  with pytest.raises(ValueError, match="another vocabulary"):
+    InvertedIndex.load(tmp_path / "index", "0" * 64)
+
+
 def test_bm25_finds_the_document_with_the_query_terms():
   from embed_jax.sparse import BM25Index, BM25Model
   docs = ["the mouse gene is expressed in cells", "patients with cancer risk",
