@@ -367,6 +367,9 @@ class BM25:
   name = "bm25"
   similarity = "bm25"
 
+  def __init__(self, model):
+    self.model = model  # its settings (k1, b, stopwords, stemmer)
+
   def encode(self, model, texts, *, role: str = "document", **_):
     from embed_jax.sparse import check_texts
     check_texts(texts)
@@ -378,10 +381,6 @@ class BM25:
       raise ValueError("BM25 has no --dims, --precision, --rescore, --pool or --plaid")
     from embed_jax.sparse import BM25Index
     return [(BM25Index(self.model), None)]
-
-  def bind_model(self, model) -> "BM25":
-    self.model = model
-    return self
 
   @staticmethod
   def dims_of(docs) -> int:
@@ -413,7 +412,7 @@ def of_model(model, truncate_queries: bool = False, query_top_k: int = 0,
   dense."""
   from embed_jax.sparse import BM25Model
   if isinstance(model, BM25Model):
-    return BM25().bind_model(model)
+    return BM25(model)
   if model.config.late_interaction is not None:
     return MultiVector(truncate_queries=truncate_queries).bind(model.config, model.tokenizer)
   if model.config.sparse is not None:
