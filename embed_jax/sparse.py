@@ -66,29 +66,25 @@ def encode_sparse(model, rep, texts: Sequence[str], *, batch_size: int = 32, max
   check_texts(texts)
   token_ids = rep.tokenize(model.tokenizer, model.config, texts, rep.role, max_len)
   fn = jax.jit(lambda params, ids, mask: rep.vectors(model.module, params, ids, mask))
-  rows: list = [None] * len(texts)
+  blocks, order = [], []
   bar = tqdm(total=len(texts), desc="encode", unit="text",
              disable=not (len(texts) >= 1000 if show_progress is None else show_progress))
   pending = None  # fetch one batch late so the host converts while the next batch computes
   for idx, ids, mask in bucketed_batches(token_ids, batch_size, max_len, model.config.pad_token_id):
     out = fn(model.params, ids, mask)
     if pending is not None:
-      _store(rows, *pending)
+      blocks.append(to_csr(np.asarray(pending[1])[:len(pending[0])]))
       bar.update(len(pending[0]))
+    order.extend(idx)
     pending = (idx, out)
   if pending is not None:
-    _store(rows, *pending)
+    blocks.append(to_csr(np.asarray(pending[1])[:len(pending[0])]))
     bar.update(len(pending[0]))
   bar.close()
-  if not rows:
+  if not blocks:
     return sp.csr_matrix((0, model.config.vocab_size), dtype=np.float32)
-  return sp.vstack(rows, format="csr", dtype=np.float32)
-
-
-def _store(rows: list, idx, out) -> None:
-  block = to_csr(np.asarray(out)[:len(idx)])
-  for r, i in enumerate(idx):
-    rows[i] = block[r]
+  stacked = sp.vstack(blocks, format="csr", dtype=np.float32)  # rows in batch order
+  return stacked[np.argsort(np.asarray(order))]  # input order
 
 
 def prune(x_NxV, k: int):

@@ -77,17 +77,19 @@ class SentenceEncoder(nn.Module):
     log(1 + ReLU(.)) (twice log1p for log1p_relu), max- or sum-pooled over the tokens;
     sentence-transformers' SpladePooling (padding counts as a 0 logit, as there)."""
     head = self.config.sparse
+    return splade_pool(self.token_logits(ids_BxL, mask_BxL, deterministic=deterministic),
+                       mask_BxL, head.activation, head.pooling)
+
+  def token_logits(self, ids_BxL, mask_BxL, *, deterministic: bool = True) -> jnp.ndarray:
+    """The MLM head's vocabulary logits at every token, [B, L, V] float32."""
     hidden_BxLxH = self.encode_tokens(ids_BxL, mask_BxL, deterministic=deterministic)
     table_VxH = self.encoder.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
-    return splade_pool(self.mlm_head(hidden_BxLxH, table_VxH), mask_BxL, head.activation,
-                       head.pooling)
+    return self.mlm_head(hidden_BxLxH, table_VxH)
 
   def splade_max_logits(self, ids_BxL, mask_BxL) -> jnp.ndarray:
     """[B, V]: each vocabulary entry's highest MLM logit over the real tokens (padding counts as
     0, as in splade_vectors): what SPLADE's max pooling keeps, before the activation."""
-    hidden_BxLxH = self.encode_tokens(ids_BxL, mask_BxL)
-    table_VxH = self.encoder.variables["params"]["embeddings"]["word_embeddings"]["embedding"]
-    logits_BxLxV = self.mlm_head(hidden_BxLxH, table_VxH)
+    logits_BxLxV = self.token_logits(ids_BxL, mask_BxL)
     return jnp.max(logits_BxLxV * mask_BxL[..., None].astype(logits_BxLxV.dtype), axis=1)
 
   def lexical_vectors(self, ids_BxL, mask_BxL, special_ids: tuple[int, ...] = (), *,
