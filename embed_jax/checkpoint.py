@@ -260,7 +260,48 @@ def _write_sparse(tmp: Path, params, config: ModelConfig, tokenizer, base_model:
   (tmp / "README.md").write_text("\n".join(card), encoding="utf-8")
 
 
+def _write_cross_encoder(tmp: Path, params, config: ModelConfig, tokenizer,
+                         base_model: str | None) -> None:
+  """A cross-encoder as sentence-transformers' CrossEncoder saves it: a transformers
+  *ForSequenceClassification folder (config.json names the activation CrossEncoder.predict
+  applies), the tokenizer's model_max_length set to max_seq_length (CrossEncoder truncates
+  each pair there, longest first)."""
+  from safetensors.numpy import save_file
+
+  from embed_jax.models.config import CLASSIFIER_ACTIVATIONS
+  head = config.classifier
+  state = hf.cross_encoder_state(params, config)
+  _refuse_non_finite(state)
+  config_json = hf.hf_config_dict(config)
+  config_json.update(architectures=[hf.SEQUENCE_CLASSIFIERS[config.architecture]],
+                     id2label={str(i): f"LABEL_{i}" for i in range(head.num_labels)},
+                     label2id={f"LABEL_{i}": i for i in range(head.num_labels)},
+                     sentence_transformers={"activation_fn": CLASSIFIER_ACTIVATIONS[head.activation]})
+  _write_json(tmp / "config.json", config_json)
+  save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(tmp))
+    tok_cfg = tmp / "tokenizer_config.json"
+    _write_json(tok_cfg, {**json.loads(tok_cfg.read_text(encoding="utf-8")),
+                          "model_max_length": config.max_seq_length})
+  card = ["---", "library_name: sentence-transformers",
+          "tags: [sentence-transformers, cross-encoder, reranker, embed_jax]",
+          *([f"base_model: {base_model}"] if base_model and "/" in base_model
+            and not os.path.exists(base_model) else []),
+          "pipeline_tag: text-ranking", "---", "", "# Cross-encoder exported by embed_jax", "",
+          f"- Base model: `{base_model or 'unknown'}`",
+          f"- {config.architecture}, {config.num_layers} layers, hidden size {config.hidden_size}; "
+          f"{head.num_labels} logit(s) per (query, document) pair, {head.activation} in predict",
+          f"- Max sequence length: {config.max_seq_length} tokens for the joined pair", "",
+          "```python", "from sentence_transformers import CrossEncoder",
+          "model = CrossEncoder('path/to/this/folder')",
+          "scores = model.predict([('a query', 'a document')])", "```", ""]
+  (tmp / "README.md").write_text("\n".join(card), encoding="utf-8")
+
+
 def _write_model(tmp: Path, params, config: ModelConfig, tokenizer, base_model: str | None) -> None:
+  if config.classifier is not None:
+    return _write_cross_encoder(tmp, params, config, tokenizer, base_model)
   if config.late_interaction is not None:
     return _write_pylate(tmp, params, config, tokenizer, base_model)
   if config.sparse is not None:

@@ -171,4 +171,7 @@ def load(name_or_path: str | os.PathLike = hf.DEFAULT_MODEL, *, dtype: str = "fl
   if max_seq_length is not None:
     overrides["max_seq_length"] = max_seq_length
   config, params = hf.load(folder, **overrides)
+  if config.classifier is not None:  # a cross-encoder folder (*ForSequenceClassification)
+    from embed_jax.rerank import CrossEncoder
+    return CrossEncoder(config, params, load_tokenizer(folder), source=str(name_or_path))
   return Embedder(config, params, load_tokenizer(folder), source=str(name_or_path))

@@ -199,6 +199,7 @@ def read_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
   fields["matryoshka_dims"] = tuple(st_model_cfg.get("embed_jax", {}).get("matryoshka_dims", ()))
   fields.update(late_interaction_fields(folder, modules, st_model_cfg))
   fields.update(sparse_fields(folder, modules))
+  fields.update(classifier_fields(folder, hf))
   fields["max_seq_length"] = min(fields["max_seq_length"], max_tokens)
   token_in = fields.pop("_token_dense_in", None)
   fields.pop("_token_dense_path", None)
@@ -413,7 +414,8 @@ def state_dict_to_params(state: dict[str, np.ndarray], config: ModelConfig,
           f"{params_shape[::-1] if e.transpose else params_shape}")
     _set(params, e.flax, np.ascontiguousarray(value).astype(config.param_dtype))
   unused = sorted(k for k in state.keys() - wanted
-                  if k != "embeddings.position_ids" and not k.startswith("cls.predictions."))
+                  if k != "embeddings.position_ids" and not k.startswith(("cls.predictions.",
+                                                                            "classifier.")))
   if unused:
     log.warning("%s: %d tensor(s) not used by the encoder, e.g. %s", source, len(unused), unused[:3])
   return params
@@ -453,6 +455,15 @@ def load(folder: str | os.PathLike, **overrides) -> tuple[ModelConfig, dict]:
     modules = _read_json(folder / "modules.json")
     path = folder / next(m["path"] for m in modules if m.get("type") == PYLATE_DENSE)
     params["token_dense"] = token_dense_state_to_params(read_safetensors(path), config, str(path))
+  if config.classifier is not None:
+    source = str(_safetensors_files(folder)[0])
+    missing = [e.hf for e in classifier_table(config) if e.hf not in state]
+    if missing:
+      raise ModelFormatError(f"{source}: a {config.hf_config['architectures'][0]} folder needs "
+                             f"the classifier tensors {missing}")
+    for e in classifier_table(config):
+      value = state[e.hf].T if e.transpose else state[e.hf]
+      _set(params, e.flax, np.ascontiguousarray(value).astype(config.param_dtype))
   if config.sparse is not None and config.sparse.kind == "splade" and "mlm_head" not in params:
     raise ModelFormatError(f"{folder}: a SPLADE (SparseEncoder) folder needs the MLM head "
                            f"(cls.predictions.* tensors of a BertForMaskedLM); it has none")
@@ -515,6 +526,8 @@ def token_dense_params_to_state(params: dict, config: ModelConfig) -> dict[str, 
 def model_state(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
   """Every exported tensor of a model, keyed as in its folder (the encoder's names; heads under
   their module folder): what identifies its weights."""
+  if config.classifier is not None:
+    return cross_encoder_state(params, config)
   state = params_to_state_dict(params, config)
   if config.dense_features:
     state.update({f"2_Dense/{k}": v for k, v in dense_params_to_state(params, config).items()})
@@ -524,6 +537,53 @@ def model_state(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
     state.update(mlm_head_state(params, config))
   if config.sparse is not None and config.sparse.kind == "lexical":
     state.update({f"1_LexicalWeights/{k}": v for k, v in _linear_to_state(params["lexical"], True).items()})
+  return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-encoder folders: transformers' *ForSequenceClassification, as sentence-transformers'
+# CrossEncoder saves and loads them.
+# ----------------------------------------------------------------------------------------------
+
+SEQUENCE_CLASSIFIERS = {"bert": "BertForSequenceClassification",
+                        "mpnet": "MPNetForSequenceClassification"}
+
+
+def classifier_table(config: ModelConfig) -> list[Entry]:
+  """The classification head's tensors: BERT's `classifier` (after the pooler), MPNet's
+  `classifier.dense` + `classifier.out_proj`."""
+  if config.architecture == "mpnet":
+    return [*_dense("classifier.dense", "classifier_dense"),
+            *_dense("classifier.out_proj", "classifier")]
+  return _dense("classifier", "classifier")
+
+
+def classifier_fields(folder: Path, hf: dict) -> dict:
+  """The Classifier of a *ForSequenceClassification folder (a CrossEncoder's), as read_config
+  fields; {} for any other folder."""
+  from embed_jax.models.config import CLASSIFIER_ACTIVATIONS, Classifier
+  archs = hf.get("architectures") or []
+  if not any(a.endswith("ForSequenceClassification") for a in archs):
+    return {}
+  num_labels = len(hf.get("id2label") or {}) or int(hf.get("num_labels", 1))
+  by_torch_name = {v: k for k, v in CLASSIFIER_ACTIVATIONS.items()}
+  st = hf.get("sentence_transformers") or {}
+  act = st.get("activation_fn") or hf.get("sbert_ce_default_activation_function")
+  if act is None:  # CrossEncoder's default
+    act = CLASSIFIER_ACTIVATIONS["sigmoid" if num_labels == 1 else "identity"]
+  if act not in by_torch_name:
+    raise ModelFormatError(f"{folder / 'config.json'}: the cross-encoder's activation_fn {act!r} "
+                           f"is not supported; supported: {', '.join(sorted(by_torch_name))}")
+  return {"classifier": Classifier(num_labels, by_torch_name[act]), "normalize": False}
+
+
+def cross_encoder_state(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+  """A cross-encoder's tensors as *ForSequenceClassification names them (`bert.` / `mpnet.`
+  before the encoder's keys, the classifier's after)."""
+  state = {f"{config.architecture}.{k}": v for k, v in params_to_state_dict(params, config).items()}
+  for e in classifier_table(config):
+    value = np.asarray(_get(params, e.flax))
+    state[e.hf] = np.ascontiguousarray(value.T if e.transpose else value)
   return state
 
 

@@ -45,6 +45,12 @@ class SentenceEncoder(nn.Module):
                                   param_dtype=cfg.param_dtype)
     if cfg.sparse is not None and cfg.sparse.kind == "lexical":  # BGE-M3's sparse_linear
       self.lexical = nn.Dense(1, dtype=jnp.float32, param_dtype=cfg.param_dtype)
+    if cfg.classifier is not None:  # a cross-encoder's head (*ForSequenceClassification)
+      init = dict(dtype=jnp.float32, param_dtype=cfg.param_dtype,
+                  kernel_init=nn.initializers.normal(0.02))  # transformers' initializer_range
+      if cfg.architecture == "mpnet":  # MPNetClassificationHead: dense + tanh, then out_proj
+        self.classifier_dense = nn.Dense(cfg.hidden_size, **init)
+      self.classifier = nn.Dense(cfg.classifier.num_labels, **init)
 
   def encode_tokens(self, ids_BxL, mask_BxL, *, deterministic: bool = True, all_layers: bool = False):
     return self.encoder(ids_BxL, mask_BxL, deterministic=deterministic, all_layers=all_layers)
@@ -65,6 +71,24 @@ class SentenceEncoder(nn.Module):
     unit = self.config.normalize if normalize is None else normalize
     return l2_normalize(emb_BxE) if unit else emb_BxE
 
+
+  def pair_logits(self, ids_BxL, mask_BxL, type_ids_BxL=None, *,
+                  deterministic: bool = True) -> jnp.ndarray:
+    """A cross-encoder's logits [B, num_labels] float32 of joined (query, document) pairs, as
+    transformers' BertForSequenceClassification (the [CLS] pooler, dropout, classifier; token
+    type 1 marks the document) or MPNetForSequenceClassification (<s> through dense + tanh and
+    out_proj, dropout before each)."""
+    from embed_jax.models.bert import _dropout
+    cfg = self.config
+    rate = cfg.hidden_dropout
+    if cfg.architecture == "bert":
+      _, pooled_BxH = self.encoder(ids_BxL, mask_BxL, type_ids_BxL, deterministic=deterministic,
+                                   pooled=True)
+      return self.classifier(_dropout(self, pooled_BxH.astype(jnp.float32), rate, deterministic))
+    hidden_BxLxH = self.encoder(ids_BxL, mask_BxL, deterministic=deterministic)
+    x_BxH = _dropout(self, hidden_BxLxH[:, 0].astype(jnp.float32), rate, deterministic)
+    x_BxH = jnp.tanh(self.classifier_dense(x_BxH))
+    return self.classifier(_dropout(self, x_BxH, rate, deterministic))
 
   def token_vectors(self, ids_BxL, mask_BxL, *, deterministic: bool = True) -> jnp.ndarray:
     """A multi-vector model's output: every token's state through the token projection,

@@ -192,7 +192,8 @@ class BertModel(nn.Module):
 
   @nn.compact
   def __call__(self, ids_BxL, mask_BxL, type_ids_BxL=None, *, deterministic: bool = True,
-               all_layers: bool = False):
+               all_layers: bool = False, pooled: bool = False):
+    """pooled: also the [CLS] pooler's output [B, H] (a cross-encoder's): (states, pooled)."""
     cfg = self.config
     if type_ids_BxL is None:
       type_ids_BxL = jnp.zeros_like(ids_BxL)
@@ -203,8 +204,11 @@ class BertModel(nn.Module):
     for i in range(cfg.num_layers):
       x = Layer(cfg, name=f"layer_{i}")(x, bias_Bx1x1xL, deterministic)
       states.append(x)
-    if cfg.add_pooler and self.is_initializing():
+    out = states if all_layers else x
+    if cfg.add_pooler and (self.is_initializing() or pooled):
       # The [CLS] pooler (dense + tanh) is not used by sentence embeddings; it is created so that a
-      # checkpoint's pooler weights are kept and exported unchanged.
-      jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler")(x[:, 0]))
-    return states if all_layers else x
+      # checkpoint's pooler weights are kept and exported unchanged. A cross-encoder reads it.
+      pooled_BxH = jnp.tanh(_dense(cfg, cfg.hidden_size, "pooler")(x[:, 0]))
+      if pooled:
+        return out, pooled_BxH
+    return out

@@ -65,6 +65,25 @@ class SparseHead:
                        f"(relu/log1p_relu)")
 
 
+CLASSIFIER_ACTIVATIONS = {"sigmoid": "torch.nn.modules.activation.Sigmoid",
+                          "identity": "torch.nn.modules.linear.Identity"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+  """A cross-encoder's head (Hugging Face `*ForSequenceClassification`) over the joined (query,
+  document) pair: BERT's [CLS] pooler (dense + tanh), dropout and a linear map to `num_labels`
+  logits; MPNet's classification head (dense + tanh on <s>, then out_proj). `activation` is what
+  sentence-transformers' CrossEncoder.predict applies to the logits (sigmoid for one label)."""
+  num_labels: int = 1
+  activation: str = "sigmoid"  # sigmoid | identity (the logits)
+
+  def __post_init__(self):
+    if self.num_labels < 1 or self.activation not in CLASSIFIER_ACTIVATIONS:
+      raise ValueError(f"classifier: num_labels={self.num_labels} must be >= 1 and activation="
+                       f"{self.activation!r} one of {', '.join(CLASSIFIER_ACTIVATIONS)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Everything needed to build the Flax module and to write the model back out.
@@ -103,6 +122,8 @@ class ModelConfig:
   late_interaction: LateInteraction | None = None
   # A sparse model (SPLADE on the MLM head, or BGE-M3-style lexical weights): its head, or None.
   sparse: SparseHead | None = None
+  # A cross-encoder (one score per joined query-document pair): its head, or None.
+  classifier: Classifier | None = None
   dtype: str = "float32"  # compute dtype; "bfloat16" on TPU/GPU
   param_dtype: str = "float32"  # storage dtype of the parameters
   hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
