@@ -59,6 +59,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.sparse.query_top_k = 0  # evaluation: keep each query's k largest weights (0: all)
   c.sparse.document_top_k = 0  # evaluation: the same for documents
 
+  # A cross-encoder (representation="cross"): a classifier over the joined (query, document)
+  # pair, max_seq_length tokens for both (CrossEncoder truncates the pair longest-first); it
+  # trains on each query's positive and data.num_negatives mined negatives (loss.name listwise
+  # or bce) and is evaluated by re-ranking rerank.first_stage's top rerank.top documents.
+  c.rerank = ml_collections.ConfigDict()
+  c.rerank.first_stage = "sentence-transformers/all-MiniLM-L6-v2"  # a model folder, hub id or bm25
+  c.rerank.top = 100
+
   # Data: pairs from a BEIR split's qrels (relevance > 0).
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "scifact"  # BEIR name under $EMBED_JAX_DATA/beir, or a folder/zip

@@ -111,11 +111,17 @@ def cmd_eval(args) -> None:
   if args.split not in dataset.qrels_splits:
     raise CliError(f"split {args.split!r} not in {dataset.name}; it has "
                    f"{', '.join(dataset.qrels_splits) or 'no qrels split (qrels/<split>.tsv)'}")
+  if args.rerank and len(names) == 2:
+    raise CliError("--rerank re-scores one first stage: give --model once")
+  if args.rerank_top < 1:
+    raise CliError(f"--rerank_top {args.rerank_top} must be >= 1")
   tune = tune_qrels(args, dataset) if len(names) == 2 else None
   outs = [eval_one(args, name, dataset, extra_qrels=tune) for name in names]
   out = outs[0]
   if len(names) == 2:
     out = hybrid_result(outs, dataset.qrels(args.split), tune, args)
+  if args.rerank:
+    out = rerank_result(out, dataset, args)
   for r in out["results"]:
     r.pop("run", None)
   s = out["settings"]
@@ -137,6 +143,27 @@ def cmd_eval(args) -> None:
     print(f"\nwrote {path}")
 
 
+def rerank_result(out: dict, dataset, args) -> dict:
+  """The first stage's row, then a row per --rerank cross-encoder re-scoring its top
+  --rerank_top documents (ms per query: the re-ranking alone)."""
+  import embed_jax
+  from embed_jax.rerank import CrossEncoder, evaluate_reranking
+  first = out["results"][0]
+  rows = [first]
+  for name in args.rerank:
+    model = embed_jax.load(name)
+    if not isinstance(model, CrossEncoder):
+      raise CliError(f"--rerank {name} is not a cross-encoder (a *ForSequenceClassification "
+                     f"folder, as sentence-transformers' CrossEncoder saves)")
+    rows.append(evaluate_reranking(model, dataset, args.split, first["run"],
+                                   top=args.rerank_top, batch_size=args.batch_size,
+                                   label=f"{first['representation']} + rerank top "
+                                         f"{args.rerank_top} ({name})"))
+  out["settings"]["rerank"] = list(args.rerank)
+  out["settings"]["rerank_top"] = args.rerank_top
+  return {**out, "results": rows}
+
+
 def eval_one(args, name: str, dataset, extra_qrels=None) -> dict:
   """One model's evaluation on --split (and, for a hybrid, also on the tuning queries: each
   row keeps its run over both)."""
@@ -144,6 +171,10 @@ def eval_one(args, name: str, dataset, extra_qrels=None) -> dict:
   from embed_jax import evaluate
   from embed_jax.representations import of_model
   model = embed_jax.load(name, max_seq_length=args.max_seq_length)
+  from embed_jax.rerank import CrossEncoder
+  if isinstance(model, CrossEncoder):
+    raise CliError(f"{name} is a cross-encoder: it re-ranks a first stage; pass it as "
+                   f"--rerank {name} beside --model FIRST_STAGE")
   rep = of_model(model, truncate_queries=args.truncate_queries, query_top_k=args.top_k[0],
                  document_top_k=args.top_k[1])
   dims = None
@@ -166,7 +197,7 @@ def eval_one(args, name: str, dataset, extra_qrels=None) -> dict:
                                     rescore=args.rescore, batch_size=args.batch_size,
                                     show_progress=True, representation=rep, qrels=qrels,
                                     pool_factors=args.pool or (), plaid=args.plaid,
-                                    keep_runs=bool(extra_qrels))
+                                    keep_runs=bool(extra_qrels) or bool(args.rerank))
   if extra_qrels:  # metrics of the --split queries only
     test = dataset.qrels(args.split)
     out["settings"]["num_queries"] = len([q for q in dataset.queries if q in test])
@@ -393,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
   e.set_defaults(func=cmd_encode)
 
   v = add("eval", help="BEIR retrieval evaluation of a dense, multi-vector or sparse model, "
-                       "BM25, or a hybrid of two")
+                       "BM25, or a hybrid of two; cross-encoders re-rank it")
   v.add_argument("--model", action="append", default=None,
                  help="local folder, hub id or bm25 (default all-MiniLM-L6-v2); twice: a hybrid "
                       "of the two (reciprocal rank fusion and a convex combination tuned on "
@@ -426,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="hybrids: tune on the queries this fraction carves from --tune_split with "
                       "--seed, as data.dev_fraction holds them out of training (0: all of it)")
   v.add_argument("--seed", type=int, default=0, help="the dev carve's seed (config.seed)")
+  v.add_argument("--rerank", action="append", default=None, metavar="CROSS_ENCODER",
+                 help="re-rank the first stage's top documents with this cross-encoder folder "
+                      "(a sentence-transformers CrossEncoder); repeat to compare several")
+  v.add_argument("--rerank_top", type=int, default=100,
+                 help="documents per query the cross-encoder re-scores")
   v.add_argument("--batch_size", type=int, default=32, help="texts per forward pass")
   v.add_argument("--max_seq_length", type=int, default=None, help="default: the model's")
   v.add_argument("--output", default=None, help="write settings and results as JSON")

@@ -422,7 +422,8 @@ def format_table(results: Sequence[dict], metrics: Sequence[str] = ("ndcg@10", "
     row = [r["representation"], str(r["dims"])] + [f"{r['metrics'][m]:.4f}" for m in metrics]
     if ref:
       row.append(f"{100 * r['metrics']['ndcg@10'] / ref:.1f}%")
-    row += [f"{r['bytes_per_doc']:g}", f"{r['ms_per_query']:.3f}"]
+    row += ["" if r["bytes_per_doc"] is None else f"{r['bytes_per_doc']:g}",
+            f"{r['ms_per_query']:.3f}"]
     if sparse:
       row += [f"{r[k]:,.0f}" if k in r else "" for k in ("nnz_per_query", "nnz_per_doc",
                                                          "flops_per_query")]
@@ -512,6 +513,8 @@ class Retrieval:
     if split == "dev":
       split, qrels = c.data.dev_split or c.data.train_split, self.run.dev_qrels
     model = self.run.embedder(params)
+    if self.run.representation.name == "cross":
+      return self.rerank(model, split, qrels)
     dense = self.run.representation.name == "dense"
     dims = sorted({model.dim, *c.matryoshka.dims}, reverse=True) if s.all_dims and dense else None
     out = evaluate_retrieval(model, self.run.dataset, split, qrels=qrels, dims=dims,
@@ -520,11 +523,35 @@ class Retrieval:
     out["settings"]["config"] = json.loads(c.to_json_best_effort())
     return out
 
+  def rerank(self, model, split: str, qrels) -> dict:
+    """A cross-encoder's evaluation: config.rerank.first_stage's top documents (its run cached
+    in the workdir) re-ranked; rows: the re-ranked list (the headline), then the first stage."""
+    from embed_jax.rerank import CrossEncoder, evaluate_reranking, first_stage
+    c, s = self.run.config, self.spec
+    rr = c.rerank
+    qrels = self.run.dataset.qrels(split) if qrels is None else qrels
+    run, first = first_stage(rr.first_stage, self.run.dataset, split, qrels, top=rr.top,
+                             batch_size=c.encode_batch_size,
+                             cache=Path(self.run.workdir) / f"first_stage_{s.name}.json")
+    model = CrossEncoder(model.config, model.params, model.tokenizer, model.source)
+    row = evaluate_reranking(model, self.run.dataset, split, run, qrels=qrels, top=rr.top,
+                             batch_size=c.encode_batch_size, k_values=tuple(s.k_values),
+                             label=f"reranked top {rr.top}")
+    settings = {"model": str(model.source), "model_fingerprint": model_fingerprint(model),
+                "dataset": self.run.dataset.name, "dataset_checksum": self.run.dataset.checksum,
+                "split": split, "num_queries": len(qrels), "first_stage": rr.first_stage,
+                "rerank_top": rr.top, "max_seq_length": model.config.max_seq_length,
+                "similarity": "cross-encoder", "config": json.loads(c.to_json_best_effort())}
+    return {"settings": settings, "results": [row, first]}
+
   def headline(self, result: dict) -> float:
     return result["results"][0]["metrics"][self.metric]
 
   def describe(self) -> str:
     d, s = self.run.dataset, self.spec
+    if self.run.representation.name == "cross":
+      rr = self.run.config.rerank
+      return (f"{d.name} {s.split}: re-ranking the top {rr.top} of {rr.first_stage}")
     queries = len(self.run.dev_qrels or {}) if s.split == "dev" else len(d.qrels(s.split))
     return (f"{d.name} {s.split} retrieval, {len(d.corpus_ids):,} documents and {queries:,} "
             f"queries to encode")

@@ -454,3 +454,62 @@ def margin_mse(q_BxD: Array, p_BxD: Array, n_BxD: Array, *, teacher_q_BxT: Array
   teacher_B = (cosine_pairs(f32(teacher_q_BxT), f32(teacher_p_BxT))
                - cosine_pairs(f32(teacher_q_BxT), f32(teacher_n_BxT)))
   return _mean_over(jnp.square(student_B - teacher_B), valid_B)
+
+
+# ---- Candidate groups: a query's positive (column 0) and its hard negatives, each scored ----
+
+
+def group_allowed(neg_ids_BxN: Array | None, n: int, batch: int) -> Array:
+  """[B, 1 + N]: the positive and each real negative (doc id >= 0; -1 is padding)."""
+  neg = jnp.ones((batch, n), bool) if neg_ids_BxN is None else jnp.asarray(neg_ids_BxN) >= 0
+  return jnp.concatenate([jnp.ones((batch, 1), bool), neg], axis=1)
+
+
+def listwise_ce(scores_BxC: Array, allowed_BxC: Array, valid_B: Array | None = None, *,
+                temperature: float = 1.0) -> Array:
+  """Cross-entropy of the positive (column 0) against the query's candidates: FlagEmbedding's
+  reranker loss over a group of 1 positive + N negatives, sentence-transformers' CrossEncoder
+  CrossEntropyLoss. Mean over valid rows."""
+  valid_B = _rows_valid(valid_B, scores_BxC.shape[0])
+  logits = _zero_invalid(jnp.asarray(scores_BxC, jnp.float32), valid_B) / temperature
+  return _mean_over(_masked_logsumexp(logits, allowed_BxC) - logits[:, 0], valid_B)
+
+
+def pointwise_bce(scores_BxC: Array, allowed_BxC: Array, valid_B: Array | None = None, *,
+                  pos_weight: float = 1.0) -> Array:
+  """Binary cross-entropy of each candidate's logit, the positive (column 0) labelled 1 and the
+  negatives 0 (sentence-transformers' BinaryCrossEntropyLoss); mean over the real candidates
+  of valid rows."""
+  valid_B = _rows_valid(valid_B, scores_BxC.shape[0])
+  logits = _zero_invalid(jnp.asarray(scores_BxC, jnp.float32), valid_B)
+  labels = jnp.zeros_like(logits).at[:, 0].set(1.0)
+  per = pos_weight * labels * jax.nn.softplus(-logits) + (1 - labels) * jax.nn.softplus(logits)
+  keep = allowed_BxC & valid_B[:, None]
+  return (jnp.sum(jnp.where(keep, per, 0.0)) / jnp.maximum(jnp.sum(keep), 1)).astype(jnp.float32)
+
+
+def listwise_kl(student_BxC: Array, teacher_BxC: Array, allowed_BxC: Array,
+                valid_B: Array | None = None, *, temperature: float = 1.0,
+                teacher_temperature: float = 1.0) -> Array:
+  """KL(teacher || student) of the softmax over each query's candidates (RocketQAv2, ColBERTv2
+  distillation): the student learns the teacher's distribution over its list. Mean over valid
+  rows."""
+  valid_B = _rows_valid(valid_B, student_BxC.shape[0])
+  s = _zero_invalid(jnp.asarray(student_BxC, jnp.float32), valid_B) / temperature
+  t = _zero_invalid(jnp.asarray(teacher_BxC, jnp.float32), valid_B) / teacher_temperature
+  log_s = s - _masked_logsumexp(s, allowed_BxC)[:, None]
+  log_t = t - _masked_logsumexp(t, allowed_BxC)[:, None]
+  kl = jnp.where(allowed_BxC, jnp.exp(log_t) * (log_t - log_s), 0.0).sum(axis=1)
+  return _mean_over(kl, valid_B)
+
+
+def group_margin_mse(student_BxC: Array, teacher_BxC: Array, allowed_BxC: Array,
+                     valid_B: Array | None = None) -> Array:
+  """Margin-MSE (Hofstätter et al., 2020) over each (positive, negative) pair of the group:
+  ((s_p - s_n) - (t_p - t_n))^2, mean over the real negatives of valid rows."""
+  valid_B = _rows_valid(valid_B, student_BxC.shape[0])
+  s = _zero_invalid(jnp.asarray(student_BxC, jnp.float32), valid_B)
+  t = _zero_invalid(jnp.asarray(teacher_BxC, jnp.float32), valid_B)
+  err = jnp.square((s[:, :1] - s[:, 1:]) - (t[:, :1] - t[:, 1:]))
+  keep = allowed_BxC[:, 1:] & valid_B[:, None]
+  return (jnp.sum(jnp.where(keep, err, 0.0)) / jnp.maximum(jnp.sum(keep), 1)).astype(jnp.float32)

@@ -36,6 +36,7 @@ from embed_jax.models.heads import DISTILL_PROJECTION
 
 UNLABELLED_TEXTS = ("corpus", "queries", "train_queries", "corpus+queries", "corpus+train_queries")
 PAIR_LOSSES = ("mnrl", "triplet")
+CROSS_LOSSES = ("listwise", "bce")  # a cross-encoder's, over each query's candidate group
 RESERVED_SOURCES = ("pairs", "u")  # inputs of the labelled pairs and the unlabelled texts
 
 
@@ -111,6 +112,8 @@ def main_terms(config, rep=None, *, distill_projection: bool = False) -> list[Te
     distill_pair_scores  the same over queries x positives
     distill_margin_mse Margin-MSE on (query, positive, first hard negative)
   Score terms are Matryoshka-wrapped too: each student prefix against the full teacher."""
+  if config.representation == "cross":
+    return cross_terms(config)
   if rep is None:
     from embed_jax import representations
     rep = representations.get(config)
@@ -153,6 +156,37 @@ def main_terms(config, rep=None, *, distill_projection: bool = False) -> list[Te
   if config.representation == "sparse":
     terms += sparse_terms(config)
   return terms
+
+
+def candidate_group(qp_B, qn_BxN, inputs) -> tuple[jax.Array, jax.Array]:
+  """(scores [B, 1 + N], allowed [B, 1 + N]) of each query's positive (column 0) and hard
+  negatives (padding negatives, doc id -1, not allowed)."""
+  if qn_BxN is None:
+    return qp_B[:, None], jnp.ones((qp_B.shape[0], 1), bool)
+  allowed = losses.group_allowed(inputs.get("neg_ids_BxN"), qn_BxN.shape[1], qp_B.shape[0])
+  return jnp.concatenate([qp_B[:, None], qn_BxN], axis=1), allowed
+
+
+def cross_terms(config) -> list[Term]:
+  """A cross-encoder's term over the pair groups qp [B] and qn [B, N] (logits): `listwise`,
+  cross-entropy of the positive among its group (1 positive + N mined negatives, logits times
+  loss.scale; FlagEmbedding's reranker loss), or `bce`, pointwise binary cross-entropy
+  (positive 1, negatives 0). Logs the share of rows whose positive scores highest."""
+  c = config.loss
+
+  def loss(qp, qn=None, *, inputs):
+    scores, allowed = candidate_group(qp, qn, inputs)
+    if c.name == "bce":
+      return losses.pointwise_bce(scores, allowed, inputs["valid_B"])
+    return losses.listwise_ce(scores * c.scale, allowed, inputs["valid_B"])
+
+  def accuracy(qp, qn=None, *, inputs):
+    scores, allowed = candidate_group(qp, qn, inputs)
+    best = jnp.all(jnp.where(allowed[:, 1:], scores[:, 1:] < scores[:, :1], True), axis=1)
+    return {"accuracy": losses._mean_over(best.astype(jnp.float32), inputs["valid_B"])}
+
+  return [Term("pairs", c.weight, ("qp",), "pairs", loss, optional=("qn",), label=c.name,
+               metrics=accuracy)]
 
 
 def sparse_terms(config) -> list[Term]:
@@ -292,6 +326,8 @@ def objective_problems(config, num_devices: int) -> list[str]:
   mrl, sd, proj = config.matryoshka, config.matryoshka.self_distill, config.projection
   dist, unl = config.distill, config.unlabelled
   problems = []
+  if config.representation == "cross":
+    return cross_problems(config)
   if config.loss.name not in PAIR_LOSSES:
     problems.append(f"loss.name={config.loss.name!r}: choose from {', '.join(PAIR_LOSSES)} (CoSENT "
                     f"needs graded pairs: a task, tasks.<name> = task('sts', loss='cosent'))")
@@ -394,6 +430,28 @@ def objective_problems(config, num_devices: int) -> list[str]:
   if proj.init == "pca" and proj.get("pca_texts", 0) < 2:
     problems.append(f"projection.pca_texts={proj.get('pca_texts')} must be >= 2 (corpus texts the "
                     f"PCA is fitted on)")
+  return problems
+
+
+def cross_problems(config) -> list[str]:
+  """A cross-encoder's config: its loss, candidate groups, and nothing that needs embeddings."""
+  mrl, dist = config.matryoshka, config.distill
+  problems = []
+  if config.loss.name not in CROSS_LOSSES:
+    problems.append(f"loss.name={config.loss.name!r}: a cross-encoder (representation='cross') "
+                    f"trains with {' or '.join(CROSS_LOSSES)}")
+  if config.data.num_negatives < 1:
+    problems.append("representation='cross' needs hard negatives (data.num_negatives >= 1 and "
+                    "data.negatives): each query's group is its positive and those negatives")
+  if config.loss.weight <= 0:
+    problems.append(f"loss.weight={config.loss.weight}: a cross-encoder has one term; it must "
+                    f"be > 0")
+  embedding_only = {"matryoshka.dims": mrl.dims, "matryoshka.layers": mrl.layers,
+                    "matryoshka.self_distill.weight": mrl.self_distill.weight,
+                    "distill.store": dist.store, "projection.dim": config.projection.dim,
+                    "tasks": tuple(config.tasks.keys())}
+  problems += [f"{k}={v}: for embedding models (a cross-encoder scores joined pairs)"
+               for k, v in embedding_only.items() if v]
   return problems
 
 

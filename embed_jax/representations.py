@@ -10,6 +10,7 @@ the encoder and a score function; the trainer and the evaluator do not change.
     multivector  one unit vector per token (ColBERT / PyLate), MaxSim
     sparse       vocabulary weights (SPLADE, BGE-M3 lexical weights), dot product
     bm25         BM25 over the texts (no weights; evaluation only)
+    cross        a cross-encoder's logit per (query, document) pair; re-ranks, does not search
 
 A text group is a query group ("q", or a task's "<task>.q") or a document group (every other);
 `for_group` gives the head for it, and `tokenize` the token ids of its texts.
@@ -387,7 +388,47 @@ class BM25:
     return 0
 
 
-REPRESENTATIONS = {"dense": Dense, "multivector": MultiVector, "sparse": Sparse}
+class Cross:
+  """A cross-encoder: one logit per joined (query, document) pair (config.classifier), no
+  text embedding. Its text groups are pairs: "qp" [B, L] (each query with its positive) and
+  "qn" [B, N, L] (with each hard negative), {"ids", "mask", "types"} (token type 1 marks the
+  document for BERT); outputs are the relevance logits [B] and [B, N]. It is evaluated by
+  re-ranking a first stage's top documents (embed_jax.rerank), not by search."""
+  name = "cross"
+  similarity = "cross-encoder"
+  layers = ()
+  score = None
+
+  def bind(self, model_config, tokenizer) -> "Cross":
+    if model_config.classifier is None:
+      raise ValueError("this model has no classifier head: representation='cross' needs a "
+                       "cross-encoder (embed_jax.models.heads.add_classifier_head)")
+    return self
+
+  def for_group(self, group: str) -> "Cross":
+    return self
+
+  def embed(self, module: SentenceEncoder, params, group: dict, *, train: bool,
+            dropout_rng=None, **_) -> jax.Array:
+    """The first label's logit [...] of a pair group {"ids": [..., L], "mask", "types"}."""
+    ids, mask = group["ids"], group["mask"]
+    types = group.get("types", jnp.zeros_like(ids))
+    flat = [x.reshape(-1, ids.shape[-1]) for x in (ids, mask, types)]
+    kw = {"rngs": {"dropout": dropout_rng}} if train else {}
+    logits = module.apply({"params": params}, *flat, deterministic=not train,
+                          method=SentenceEncoder.pair_logits, **kw)
+    return logits[:, 0].reshape(ids.shape[:-1])
+
+  def at_layer(self, out: jax.Array, index: int) -> jax.Array:
+    return out
+
+  def export(self, params, model_config, tokenizer, out_dir, *, base_model=None):
+    """A CrossEncoder folder (transformers *ForSequenceClassification)."""
+    from embed_jax.checkpoint import export
+    return export(params, model_config, tokenizer, out_dir, base_model=base_model)
+
+
+REPRESENTATIONS = {"dense": Dense, "multivector": MultiVector, "sparse": Sparse, "cross": Cross}
 
 
 def get(config, model_config=None, tokenizer=None):
@@ -400,6 +441,8 @@ def get(config, model_config=None, tokenizer=None):
     rep = Dense(layers=tuple(config.matryoshka.layers))
   elif config.representation == "multivector":
     rep = MultiVector(truncate_queries=config.multivector.truncate_queries)
+  elif config.representation == "cross":
+    rep = Cross()
   else:
     rep = Sparse(query_top_k=config.sparse.query_top_k, document_top_k=config.sparse.document_top_k)
   return rep if model_config is None else rep.bind(model_config, tokenizer)

@@ -11,8 +11,10 @@ model's max_seq_length: what sentence-transformers' CrossEncoder.predict feeds t
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import jax
@@ -141,3 +143,47 @@ def rerank(model: CrossEncoder, run: Mapping[str, Mapping[str, float]],
   timing = {"pairs": len(pairs), "rerank_seconds": round(seconds, 2),
             "ms_per_query": round(1000 * seconds / max(len(run), 1), 2)}
   return out, timing
+
+
+def first_stage(name: str, dataset, split: str, qrels, *, top: int, batch_size: int = 32,
+                cache: Path | None = None) -> tuple[dict, dict]:
+  """(run, row) of a first-stage retriever (a model folder, hub id or "bm25") on the judged
+  queries of `qrels`: its `top` documents per query and its result row (metrics, bytes/doc,
+  ms/query). Cached in `cache` (JSON), keyed by the model's fingerprint, the dataset's checksum
+  and the queries, so that a training run's evaluations encode the corpus once."""
+  import embed_jax
+  from embed_jax import evaluate
+  from embed_jax.representations import of_model
+  model = embed_jax.load(name)
+  key = {"model": str(name), "fingerprint": evaluate.model_fingerprint(model),
+         "dataset_checksum": dataset.checksum, "split": split, "queries": sorted(qrels), "top": top}
+  if cache is not None and cache.exists():
+    stored = json.loads(cache.read_text(encoding="utf-8"))
+    if stored.get("key") == key:
+      return stored["run"], stored["row"]
+  out = evaluate.evaluate_retrieval(model, dataset, split, qrels=qrels, batch_size=batch_size,
+                                    representation=of_model(model), keep_runs=True)
+  row = out["results"][0]
+  run = {q: dict(sorted(r.items(), key=lambda x: -x[1])[:top]) for q, r in row.pop("run").items()}
+  row["representation"] = f"{row['representation']} ({name})"
+  if cache is not None:
+    from embed_jax.checkpoint import atomic_write
+    atomic_write(cache, lambda f: f.write(json.dumps({"key": key, "run": run, "row": row})), "w")
+  return run, row
+
+
+def evaluate_reranking(model: CrossEncoder, dataset, split: str, run: Mapping, *,
+                       qrels: Mapping | None = None, top: int = 100, batch_size: int = 32,
+                       k_values: Sequence[int] | None = None, label: str = "reranked") -> dict:
+  """The cross-encoder re-ranking `run`'s top documents per query: a result row (metrics, ms per
+  query of the re-ranking alone, pairs scored) as evaluate_retrieval gives."""
+  from embed_jax import evaluate
+  qrels = dataset.qrels(split) if qrels is None else qrels
+  queries = {q: dataset.queries[q] for q in run}
+  docs = dict(zip(dataset.corpus_ids, dataset.corpus_texts(" ")))
+  reranked, timing = rerank(model, {q: run[q] for q in run if q in qrels}, queries, docs,
+                            top=top, batch_size=batch_size)
+  k_values = tuple(k_values or evaluate.DEFAULT_K)
+  return {"representation": label, "dims": "", "metrics": evaluate.ir_metrics(qrels, reranked, k_values),
+          "bytes_per_doc": None, "ms_per_query": timing["ms_per_query"], "rerank_top": top,
+          "pairs": timing["pairs"], "rerank_seconds": timing["rerank_seconds"]}

@@ -19,9 +19,11 @@ SMOKE = {  # config file -> its smoke variant (the ones other tests train are ma
     "scifact_colbert": "smoke",  # test_multivector
     "scifact_splade": "smoke",  # test_sparse
     "scifact_lexical": "smoke",  # test_sparse
+    "scifact_reranker": "smoke",  # test_rerank
 }
 TRAINED_ELSEWHERE = {"scifact_mnrl", "scifact_hardneg", "scifact_mlm", "scifact_multitask",
-                     "scifact_colbert", "scifact_splade", "scifact_lexical"}
+                     "scifact_colbert", "scifact_splade", "scifact_lexical",
+                     "scifact_reranker"}
 
 
 def test_every_config_file_has_a_smoke_variant():

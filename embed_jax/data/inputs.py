@@ -186,6 +186,25 @@ def load_data(config, dataset, tokenizer, model_config, store=None, rep=None):
   if rep is None:
     from embed_jax.representations import Dense
     rep = Dense()
+  if rep.name == "cross":  # a cross-encoder: each (query, document) pair joined, as CrossEncoder
+    from embed_jax.data.pairs import CrossPairLoader
+    from embed_jax.rerank import tokenize_pairs
+    doc_texts = dataset.corpus_texts(" ")
+    max_len = min(config.max_seq_length, model_config.max_seq_length)
+
+    def pair_tokens(q: int, d: int):
+      ids, types = tokenize_pairs(tokenizer, max_len, [dataset.queries[pairs.query_ids[q]]],
+                                  [doc_texts[d]])
+      return ids[0], types[0]
+
+    loader = CrossPairLoader(pairs, pair_tokens, max_len=max_len, batch_size=config.batch_size,
+                             seed=config.seed, num_negatives=config.data.num_negatives,
+                             pad_id=model_config.pad_token_id)
+    log.info("%s: %d (query, positive) pairs from %d queries with %d negatives each, joined for "
+             "a cross-encoder (%d tokens); %d steps per epoch of %d; dev queries: %d",
+             dataset.name, len(pairs.pairs_Px2), len(pairs.query_ids), config.data.num_negatives,
+             max_len, loader.steps_per_epoch, config.batch_size, len(dev_qrels or {}))
+    return loader, dev_qrels
   q_tokens = tokenize(config, rep, tokenizer, model_config,
                       [dataset.queries[q] for q in pairs.query_ids], "query")
   d_tokens = tokenize(config, rep, tokenizer, model_config, dataset.corpus_texts(" "), "document")

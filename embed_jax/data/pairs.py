@@ -94,6 +94,23 @@ class PairLoader:
       ids[r, :len(s)], mask[r, :len(s)] = s, 1
     return ids, mask
 
+  def _groups(self, query_B, pos_B, neg_BxN, valid) -> dict:
+    """The text groups q [B, Lq], p [B, Ld] and n [B, N, Ld] of the batch's rows. Padding rows
+    and missing negatives repeat the first real row's texts (real text keeps every gradient
+    finite); valid_B and the -1 doc ids mask them out of the loss."""
+    b, n = neg_BxN.shape
+    q_tok = [self.q_tokens[query_B[r] if valid[r] else query_B[0]] for r in range(b)]
+    p_tok = [self.d_tokens[pos_B[r] if valid[r] else pos_B[0]] for r in range(b)]
+    n_tok = [self.d_tokens[d] if d >= 0 else p_tok[0] for d in neg_BxN.reshape(-1)]
+    lq = bucket_for(max(map(len, q_tok)), self.q_buckets)
+    ld = bucket_for(max(map(len, p_tok + n_tok)), self.d_buckets)
+    groups = {"q": dict(zip(("ids", "mask"), self._pad(q_tok, lq))),
+              "p": dict(zip(("ids", "mask"), self._pad(p_tok, ld)))}
+    if n:
+      ids, mask = self._pad(n_tok, ld)
+      groups["n"] = {"ids": ids.reshape(b, n, ld), "mask": mask.reshape(b, n, ld)}
+    return groups
+
   def batch(self, step: int) -> dict:
     epoch, i = divmod(step, self.steps_per_epoch)
     rows = self._order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
@@ -111,18 +128,7 @@ class PairLoader:
       if n and len(cands):
         take = rng.choice(len(cands), size=min(n, len(cands)), replace=False)
         neg_BxN[r, :len(take)] = cands[take]
-    # Padding rows and missing negatives repeat the first real row's texts (real text keeps every
-    # gradient finite); valid_B and the -1 doc ids mask them out of the loss.
-    q_tok = [self.q_tokens[query_B[r] if valid[r] else query_B[0]] for r in range(b)]
-    p_tok = [self.d_tokens[pos_B[r] if valid[r] else pos_B[0]] for r in range(b)]
-    n_tok = [self.d_tokens[d] if d >= 0 else p_tok[0] for d in neg_BxN.reshape(-1)]
-    lq = bucket_for(max(map(len, q_tok)), self.q_buckets)
-    ld = bucket_for(max(map(len, p_tok + n_tok)), self.d_buckets)
-    groups = {"q": dict(zip(("ids", "mask"), self._pad(q_tok, lq))),
-              "p": dict(zip(("ids", "mask"), self._pad(p_tok, ld)))}
-    if n:
-      ids, mask = self._pad(n_tok, ld)
-      groups["n"] = {"ids": ids.reshape(b, n, ld), "mask": mask.reshape(b, n, ld)}
+    groups = self._groups(query_B, pos_B, neg_BxN, valid)
     inputs = {"valid_B": valid, "q_ids_B": query_B, "p_ids_B": pos_B, "neg_ids_BxN": neg_BxN}
     if self.teacher_q is not None:  # padding rows repeat row 0, as their texts do
       row = lambda idx: np.where(idx >= 0, idx, idx[0] if idx[0] >= 0 else 0)  # noqa: E731
@@ -132,6 +138,41 @@ class PairLoader:
         neg = np.where(neg_BxN >= 0, neg_BxN, pos_B[0])
         inputs["n_teacher_BxNxT"] = self.teacher_d[neg].astype(np.float32)
     return {"groups": groups, "inputs": {"pairs": inputs}}
+
+
+class CrossPairLoader(PairLoader):
+  """A cross-encoder's batches: the same rows, negatives and inputs as PairLoader, but each
+  (query, document) pair joined into one sequence: text groups qp [B, L] (query + positive) and
+  qn [B, N, L] (query + each hard negative), {"ids", "mask", "types"}. `pair_tokens(q_idx,
+  d_idx)` gives a pair's (token ids, token types), truncated to `max_len` (memoised)."""
+
+  def __init__(self, pairs: Pairs, pair_tokens, *, max_len: int, **kw):
+    super().__init__(pairs, [], [], q_max_len=max_len, d_max_len=max_len, **kw)
+    self.pair_tokens, self.buckets, self._memo = pair_tokens, length_buckets(max_len), {}
+
+  def _pair(self, q: int, d: int):
+    if (q, d) not in self._memo:
+      self._memo[(q, d)] = self.pair_tokens(q, d)
+    return self._memo[(q, d)]
+
+  def _groups(self, query_B, pos_B, neg_BxN, valid) -> dict:
+    b, n = neg_BxN.shape
+    q_B = np.where(valid, query_B, query_B[0])
+    qp = [self._pair(q, d) for q, d in zip(q_B, np.where(valid, pos_B, pos_B[0]))]
+    qn = [self._pair(q, d) if d >= 0 else qp[0] for q, row in zip(q_B, neg_BxN) for d in row]
+    length = bucket_for(max(len(t[0]) for t in qp + qn), self.buckets)
+
+    def group(rows, shape):
+      ids, mask = self._pad([t[0] for t in rows], length)
+      types, _ = self._pad([t[1] for t in rows], length)
+      types = np.where(mask > 0, types, 0)
+      return {k: v.reshape(*shape, length) for k, v in
+              (("ids", ids), ("mask", mask), ("types", types))}
+
+    groups = {"qp": group(qp, (b,))}
+    if n:
+      groups["qn"] = group(qn, (b, n))
+    return groups
 
 
 class TupleLoader:

@@ -134,6 +134,11 @@ def load_model(config, workdir: Path):
   elif model_config.late_interaction is not None:
     raise ValueError(f"bad config: {source} is a multi-vector (ColBERT) model; set "
                      f"representation='multivector' to train it")
+  if config.representation == "cross":
+    model_config, params = add_classifier_head(model_config, params, source, config.seed)
+  elif model_config.classifier is not None:
+    raise ValueError(f"bad config: {source} is a cross-encoder; set representation='cross' to "
+                     f"train it")
   if config.representation == "sparse":
     model_config, params = add_sparse_head(config, model_config, params, source,
                                            tokenizer=tokenizer, workdir=workdir)
@@ -141,6 +146,35 @@ def load_model(config, workdir: Path):
     raise ValueError(f"bad config: {source} is a sparse ({model_config.sparse.kind}) model; set "
                      f"representation='sparse' to train it")
   return model_config, params, tokenizer, source
+
+
+def add_classifier_head(model_config, params, source: str, seed: int):
+  """A cross-encoder's head on a loaded encoder, as transformers initialises a fresh
+  *ForSequenceClassification (normal(0.02) kernels, zero biases): BERT's [CLS] pooler when the
+  checkpoint has none, and the classifier (one label); MPNet's classification head. A model
+  that already is a cross-encoder keeps its head. -> (model_config, params)"""
+  from embed_jax.models.config import Classifier
+  if model_config.classifier is not None:
+    log.info("%s is a cross-encoder: its classifier is trained further", source)
+    return model_config, params
+  rng = np.random.default_rng([seed, 29])
+  hidden = model_config.hidden_size
+
+  def dense(n_in, n_out):
+    return {"kernel": rng.normal(0, 0.02, (n_in, n_out)).astype(np.float32),
+            "bias": np.zeros(n_out, np.float32)}
+
+  params = dict(params)
+  if model_config.architecture == "bert" and not model_config.add_pooler:
+    params["encoder"] = {**params["encoder"], "pooler": dense(hidden, hidden)}
+    model_config = model_config.replace(add_pooler=True)
+  if model_config.architecture == "mpnet":  # MPNetForSequenceClassification has no pooler
+    params["encoder"] = {k: v for k, v in params["encoder"].items() if k != "pooler"}
+    model_config = model_config.replace(add_pooler=False)
+    params["classifier_dense"] = dense(hidden, hidden)
+  params["classifier"] = dense(hidden, 1)
+  log.info("cross-encoder head on %s (%s)", source, model_config.architecture)
+  return model_config.replace(classifier=Classifier(), normalize=False), params
 
 
 def model_heads(model_config, params) -> list[str]:
