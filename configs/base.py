@@ -116,6 +116,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.margin_mse = 0.0  # weight: Margin-MSE on (query, positive, hard negative)
   c.distill.temperature = 0.05  # the student's in the KL
   c.distill.teacher_temperature = 0.05  # the teacher's in the KL
+  # Teacher scores of each training query's candidates (`embed-jax teacher --scores`: a
+  # cross-encoder's logits or a bi-encoder's cosines of the positives and data.negatives): the
+  # student's scores of the same group (its similarity / temperature) against the teacher's
+  # (/ teacher_temperature; 1.0 for a cross-encoder's logits).
+  c.distill.score_store = ""  # the score store's folder; "" = none
+  c.distill.candidate_kl = 0.0  # weight: KL of the softmax over each query's group (RocketQAv2)
+  c.distill.candidate_margin_mse = 0.0  # weight: Margin-MSE over (positive, each negative)
+  # False-negative removal: drop a mined negative the teacher scores above (its query's lowest
+  # positive - margin), in the teacher's units. Needs distill.score_store.
+  c.distill.drop_false_negatives = False
+  c.distill.false_negative_margin = 0.0
   # Matryoshka (embed_jax.losses.matryoshka): the loss on each prefix of the embedding.
   c.matryoshka = ml_collections.ConfigDict()
   c.matryoshka.dims = ()  # e.g. (384, 256, 128, 64, 32), any order, each <= the model dim; () = off

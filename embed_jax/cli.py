@@ -334,7 +334,26 @@ def cmd_teacher(args) -> None:
   from embed_jax.checkpoint import check_writable
   from embed_jax.data.teacher import TeacherStore, build_store, import_store
   check_writable(Path(args.out))
+  if args.scores and (args.import_vectors or not args.negatives):
+    raise CliError("--scores scores each training query's positives and mined negatives: give "
+                   "--negatives FILE (from `embed-jax mine`), not --import_vectors")
+  if args.negatives and not Path(args.negatives).is_file():
+    raise CliError(f"--negatives {args.negatives} does not exist")
   dataset = load_beir(args.dataset, data_dir=args.data_dir)
+  if args.scores:
+    import embed_jax
+    from embed_jax.data.scores import ScoreStore, build_score_store
+    if args.split not in dataset.qrels_splits:
+      raise CliError(f"--split {args.split!r} not in {dataset.name}; it has "
+                     f"{', '.join(dataset.qrels_splits)}")
+    model = embed_jax.load(args.model, max_seq_length=args.max_seq_length)
+    out = build_score_store(model, dataset, args.split, args.negatives, args.out,
+                            name=args.name or args.model, batch_size=args.batch_size)
+    store = ScoreStore(out)
+    m = store.manifest
+    print(f"score store {out}: {m['pairs']} (query, candidate) scores of {m['queries']} "
+          f"{m['split']} queries ({m['teacher']['name']}, {m['teacher']['kind']}: {m['teacher']['score']})")
+    return
   kinds = args.texts
   if args.import_vectors:
     if not args.import_ids or not args.name:
@@ -506,8 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
   st.add_argument("--output", default=None, help="write the result as JSON")
   st.set_defaults(func=cmd_sts)
 
-  te = add("teacher", help="a teacher's embeddings of a dataset's texts, computed once "
-                                      "(resumable), for distillation",
+  te = add("teacher", help="a teacher's embeddings of a dataset's texts (or, with --scores, "
+                           "its scores of the training candidates), computed once (resumable), "
+                           "for distillation",
                       epilog="Re-running the command resumes an interrupted store. Vectors "
                              "computed elsewhere: --import_vectors V.npy --import_ids ids.txt --name N.")
   te.add_argument("--model", default="sentence-transformers/all-mpnet-base-v2",
@@ -524,6 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
   te.add_argument("--data_dir", default=None, help="TFDS cache folder")
   te.add_argument("--import_vectors", default=None, help=".npy [N, D] computed elsewhere")
   te.add_argument("--import_ids", default=None, help="text ids of the rows, one a line")
+  te.add_argument("--scores", action="store_true",
+                  help="store the teacher's scores of each --split query's candidates (its "
+                       "positives and the --negatives file's) instead of embeddings: a "
+                       "cross-encoder's logits or a bi-encoder's cosines")
+  te.add_argument("--negatives", default=None, help="--scores: the mined negatives (JSONL)")
+  te.add_argument("--split", default="train", help="--scores: the qrels split whose queries")
   te.set_defaults(func=cmd_teacher)
 
   add_mine_parser(sub)

@@ -111,6 +111,7 @@ def main_terms(config, rep=None, *, distill_projection: bool = False) -> list[Te
     distill_scores     KL of in-batch score distributions over the unlabelled texts
     distill_pair_scores  the same over queries x positives
     distill_margin_mse Margin-MSE on (query, positive, first hard negative)
+    distill_candidate_kl, distill_candidate_margin_mse  from a score store (candidate_terms)
   Score terms are Matryoshka-wrapped too: each student prefix against the full teacher."""
   if config.representation == "cross":
     return cross_terms(config)
@@ -155,7 +156,40 @@ def main_terms(config, rep=None, *, distill_projection: bool = False) -> list[Te
   ]
   if config.representation == "sparse":
     terms += sparse_terms(config)
-  return terms
+
+  def student_group(q, p, n=None, *, inputs):  # the student's scores of each query's group
+    score = rep.score
+    qp = score.prepare(q)
+    s_p = score.pairs(qp, score.prepare(p))
+    s_n = None if n is None else jax.vmap(lambda n_i: score.pairs(qp, score.prepare(n_i)),
+                                          in_axes=1, out_axes=1)(n)
+    return candidate_group(s_p, s_n, inputs)
+
+  return terms + candidate_terms(config, ("q", "p"), student_group)
+
+
+def candidate_terms(config, groups: tuple[str, ...], student_group: Callable) -> list[Term]:
+  """Distillation from a score store over each query's candidate group (the positive and the
+  drawn hard negatives; inputs teacher_p_B, teacher_n_BxN): `student_group(*outputs, inputs)`
+  gives the student's (scores [B, 1 + N], allowed). Student scores / distill.temperature,
+  teacher scores / distill.teacher_temperature.
+    distill_candidate_kl          KL(teacher || student) of the softmax over the group
+    distill_candidate_margin_mse  Margin-MSE over (positive, each negative)"""
+  d = config.distill
+
+  def pair(fn):
+    def loss(*outputs, inputs):
+      s, allowed = student_group(*outputs, inputs=inputs)
+      t, _ = candidate_group(inputs["teacher_p_B"], inputs.get("teacher_n_BxN") if s.shape[1] > 1
+                             else None, inputs)
+      return fn(s / d.temperature, t / d.teacher_temperature, allowed, inputs["valid_B"])
+    return loss
+
+  return [Term("distill_candidate_kl", d.candidate_kl, groups, "pairs", pair(losses.listwise_kl),
+               optional=("n",) if groups == ("q", "p") else ("qn",)),
+          Term("distill_candidate_margin_mse", d.candidate_margin_mse, groups, "pairs",
+               pair(losses.group_margin_mse),
+               optional=("n",) if groups == ("q", "p") else ("qn",))]
 
 
 def candidate_group(qp_B, qn_BxN, inputs) -> tuple[jax.Array, jax.Array]:
@@ -186,7 +220,9 @@ def cross_terms(config) -> list[Term]:
     return {"accuracy": losses._mean_over(best.astype(jnp.float32), inputs["valid_B"])}
 
   return [Term("pairs", c.weight, ("qp",), "pairs", loss, optional=("qn",), label=c.name,
-               metrics=accuracy)]
+               metrics=accuracy),
+          *candidate_terms(config, ("qp",), lambda qp, qn=None, *, inputs: candidate_group(
+              qp, qn, inputs))]
 
 
 def sparse_terms(config) -> list[Term]:
@@ -392,7 +428,9 @@ def objective_problems(config, num_devices: int) -> list[str]:
       problems.append(f"matryoshka.self_distill.target={sd.target!r}: choose current or initial")
     if sd.k < 1:
       problems.append(f"matryoshka.self_distill.k={sd.k} must be >= 1")
-  distilling = [t.name for t in terms if t.name.startswith("distill_") and t.weight > 0]
+  problems += score_store_problems(config)
+  distilling = [t.name for t in terms if t.name.startswith("distill_") and t.weight > 0
+                and not t.name.startswith("distill_candidate_")]
   if distilling and not dist.store:
     problems.append(f"the {' and '.join(distilling)} term(s) need distill.store (a folder from "
                     f"`embed-jax teacher`)")
@@ -433,6 +471,27 @@ def objective_problems(config, num_devices: int) -> list[str]:
   return problems
 
 
+def score_store_problems(config) -> list[str]:
+  """The candidate-score distillation settings: a score store for its terms, negatives to score."""
+  d = config.distill
+  problems = []
+  weights = {"distill.candidate_kl": d.candidate_kl,
+             "distill.candidate_margin_mse": d.candidate_margin_mse}
+  on = [k for k, v in weights.items() if v > 0]
+  if (on or d.drop_false_negatives) and not d.score_store:
+    problems.append(f"{' and '.join(on) or 'distill.drop_false_negatives'} need(s) "
+                    f"distill.score_store (a folder from `embed-jax teacher --scores`)")
+  if d.score_store and not Path(d.score_store).exists():
+    problems.append(f"distill.score_store={d.score_store!r} does not exist: build it with "
+                    f"`embed-jax teacher --scores --model T --negatives {config.data.negatives or 'F'} "
+                    f"--out {d.score_store}`")
+  if on and d.candidate_margin_mse > 0 and config.data.num_negatives < 1:
+    problems.append("distill.candidate_margin_mse > 0 needs hard negatives (data.num_negatives >= 1)")
+  if d.drop_false_negatives and not config.data.negatives:
+    problems.append("distill.drop_false_negatives filters data.negatives; set it")
+  return problems
+
+
 def cross_problems(config) -> list[str]:
   """A cross-encoder's config: its loss, candidate groups, and nothing that needs embeddings."""
   mrl, dist = config.matryoshka, config.distill
@@ -452,7 +511,7 @@ def cross_problems(config) -> list[str]:
                     "tasks": tuple(config.tasks.keys())}
   problems += [f"{k}={v}: for embedding models (a cross-encoder scores joined pairs)"
                for k, v in embedding_only.items() if v]
-  return problems
+  return problems + score_store_problems(config)
 
 
 def check_model_fit(config, model_config) -> None:

@@ -174,6 +174,10 @@ def _cross_config(chunk=0, runner="jit", loss="listwise"):
   c = scifact_reranker.get_config("smoke")
   c.dropout = False
   c.loss.name = loss
+  if loss == "listwise":
+    # Listwise cross-entropy is blind to a shift of every logit: the classifier's bias gets only
+    # float noise as its gradient, which Adam scales up to a full step; freeze it.
+    c.optim.freeze = "classifier/bias"
   c.train.grad_cache_chunk, c.train.runner = chunk, runner
   return c
 

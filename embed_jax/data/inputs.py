@@ -63,6 +63,12 @@ def check(config):
   if missing:
     raise ValueError(f"bad config: {', '.join(missing)}: {dataset.name} has no such qrels split; "
                      f"it has {', '.join(dataset.qrels_splits) or 'none (no qrels/*.tsv)'}")
+  if config.distill.score_store:  # the teacher's scores of the run's candidates, checked now
+    from embed_jax.data.scores import ScoreStore
+    train_qrels = dataset.qrels(config.data.train_split)
+    ScoreStore(config.distill.score_store).check(
+        dataset, config.data.train_split, config.data.negatives or None,
+        [q for q in dataset.queries if q in train_qrels], teacher=config.distill.teacher or None)
   store = None
   if config.distill.store:  # checked against every text the run may read, before any compute
     from embed_jax.data.teacher import dataset_texts
@@ -164,6 +170,25 @@ def mine_if_missing(config, dataset, embedder: Embedder) -> None:
   write_negatives(rows, path)
 
 
+def drop_false_negatives(negatives: dict[str, list[str]], qrels, scores, margin: float):
+  """The mined negatives without those the teacher scores above (the query's lowest positive -
+  margin): likely unlabelled positives (RocketQA's denoising)."""
+  out, dropped, total = {}, 0, 0
+  for q, negs in negatives.items():
+    if q not in scores.rows:
+      out[q] = negs
+      continue
+    s = scores.query_scores(q)
+    pos = [s[d] for d, rel in qrels.get(q, {}).items() if rel > 0 and d in s]
+    floor = min(pos) - margin if pos else np.inf
+    out[q] = [d for d in negs if s.get(d, -np.inf) <= floor]
+    dropped += len(negs) - len(out[q])
+    total += len(negs)
+  log.info("false-negative removal: %d of %d mined negatives scored by the teacher within %g of "
+           "their query's lowest positive are dropped", dropped, total, margin)
+  return out
+
+
 def load_data(config, dataset, tokenizer, model_config, store=None, rep=None):
   """(PairLoader, dev_qrels or None) for `dataset`; with a teacher store (and a pair-level
   distillation weight), the teacher's vectors of the batch's texts too."""
@@ -180,8 +205,23 @@ def load_data(config, dataset, tokenizer, model_config, store=None, rep=None):
   if config.data.negatives:
     from embed_jax.data.mining import read_negatives
     negatives = read_negatives(config.data.negatives, dataset)
+  scores = None
+  if config.distill.score_store:
+    from embed_jax.data.scores import ScoreStore
+    scores = ScoreStore(config.distill.score_store)
+    if config.distill.drop_false_negatives and negatives:
+      negatives = drop_false_negatives(negatives, train_qrels, scores,
+                                       config.distill.false_negative_margin)
   pairs = build_pairs(dataset, config.data.train_split, query_subset=train_queries,
                       negatives=negatives)
+  score_inputs = {}
+  if scores is not None:
+    by_query = [scores.query_scores(q) for q in pairs.query_ids]
+    score_inputs = {
+        "teacher_pos_P": np.array([by_query[q][pairs.doc_ids[d]] for q, d in pairs.pairs_Px2],
+                                  np.float32),
+        "teacher_neg": [np.array([by_query[q][pairs.doc_ids[d]] for d in negs], np.float32)
+                        for q, negs in enumerate(pairs.negatives)]}
 
   if rep is None:
     from embed_jax.representations import Dense
@@ -199,7 +239,7 @@ def load_data(config, dataset, tokenizer, model_config, store=None, rep=None):
 
     loader = CrossPairLoader(pairs, pair_tokens, max_len=max_len, batch_size=config.batch_size,
                              seed=config.seed, num_negatives=config.data.num_negatives,
-                             pad_id=model_config.pad_token_id)
+                             pad_id=model_config.pad_token_id, **score_inputs)
     log.info("%s: %d (query, positive) pairs from %d queries with %d negatives each, joined for "
              "a cross-encoder (%d tokens); %d steps per epoch of %d; dev queries: %d",
              dataset.name, len(pairs.pairs_Px2), len(pairs.query_ids), config.data.num_negatives,
@@ -218,7 +258,7 @@ def load_data(config, dataset, tokenizer, model_config, store=None, rep=None):
   loader = PairLoader(pairs, q_tokens, d_tokens, batch_size=config.batch_size, seed=config.seed,
                       num_negatives=config.data.num_negatives,
                       q_max_len=q_max_len, d_max_len=d_max_len,
-                      pad_id=model_config.pad_token_id, **teacher)
+                      pad_id=model_config.pad_token_id, **teacher, **score_inputs)
   log.info("%s: %d training pairs from %d queries, %d steps per epoch of %d; dev queries: %d",
            dataset.name, len(pairs.pairs_Px2), len(pairs.query_ids), loader.steps_per_epoch,
            config.batch_size, len(dev_qrels or {}))

@@ -68,7 +68,9 @@ class PairLoader:
                batch_size: int, seed: int, num_negatives: int = 0, q_max_len: int, d_max_len: int,
                pad_id: int = 0, drop_last: bool = False,
                teacher_queries_QxT: np.ndarray | None = None,
-               teacher_docs_NxT: np.ndarray | None = None):
+               teacher_docs_NxT: np.ndarray | None = None,
+               teacher_pos_P: np.ndarray | None = None,
+               teacher_neg: list[np.ndarray] | None = None):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_negatives and not any(len(n) for n in pairs.negatives):
@@ -79,6 +81,8 @@ class PairLoader:
     self.q_buckets, self.d_buckets = length_buckets(q_max_len), length_buckets(d_max_len)
     self.pad_id, self.drop_last = pad_id, drop_last
     self.teacher_q, self.teacher_d = teacher_queries_QxT, teacher_docs_NxT
+    # Teacher scores (embed_jax.data.scores): of each pair's positive, of each query's negatives.
+    self.teacher_pos, self.teacher_neg = teacher_pos_P, teacher_neg
     n = len(pairs.pairs_Px2)
     self.steps_per_epoch = n // batch_size if drop_last else -(-n // batch_size)
     if self.steps_per_epoch == 0:
@@ -122,14 +126,21 @@ class PairLoader:
     pos_B = np.full(b, -1, np.int32)
     query_B[:len(rows)], pos_B[:len(rows)] = q_idx, p_idx
     neg_BxN = np.full((b, n), -1, np.int32)
+    t_neg_BxN = np.zeros((b, n), np.float32)
     rng = np.random.default_rng([self.seed, epoch, i, 1])
     for r, q in enumerate(q_idx):
       cands = self.pairs.negatives[q]
       if n and len(cands):
         take = rng.choice(len(cands), size=min(n, len(cands)), replace=False)
         neg_BxN[r, :len(take)] = cands[take]
+        if self.teacher_neg is not None:
+          t_neg_BxN[r, :len(take)] = self.teacher_neg[q][take]
     groups = self._groups(query_B, pos_B, neg_BxN, valid)
     inputs = {"valid_B": valid, "q_ids_B": query_B, "p_ids_B": pos_B, "neg_ids_BxN": neg_BxN}
+    if self.teacher_pos is not None:  # padding rows and negatives score 0 (masked out)
+      t_pos_B = np.zeros(b, np.float32)
+      t_pos_B[:len(rows)] = self.teacher_pos[rows]
+      inputs["teacher_p_B"], inputs["teacher_n_BxN"] = t_pos_B, t_neg_BxN
     if self.teacher_q is not None:  # padding rows repeat row 0, as their texts do
       row = lambda idx: np.where(idx >= 0, idx, idx[0] if idx[0] >= 0 else 0)  # noqa: E731
       inputs["q_teacher_BxT"] = self.teacher_q[row(query_B)].astype(np.float32)

@@ -105,26 +105,38 @@ def build_store(model, dataset, kinds: Sequence[str], out: str | os.PathLike, *,
                               shape=(len(ids), model.dim)).flush()
     _write_json(out / "progress.json", {"rows_done": 0})
     _write_json(out / "manifest.json", manifest)
-  done = json.loads((out / "progress.json").read_text())["rows_done"]
-  vectors = np.load(vectors_path, mmap_mode="r+")
+  fill_in_chunks(out, vectors_path, len(ids), lambda a, b: (slice(a, b), model.encode(
+      texts[a:b], batch_size=batch_size, normalize=True)), manifest, key="rows_done", chunk=chunk,
+      desc="teacher", unit="text", stop_after_chunks=stop_after_chunks)
+  return out
+
+
+def fill_in_chunks(out: Path, array_path: Path, total: int, fill, manifest: dict, *, key: str,
+                   chunk: int, desc: str, unit: str, stop_after_chunks: int | None = None) -> None:
+  """Fills the .npy at `array_path` (memory-mapped) `chunk` items at a time from the count in
+  out/progress.json[key]: `fill(start, end) -> (array slice, values)`. Each chunk is flushed to
+  disk before progress says so; when all `total` are done the manifest is marked complete and
+  progress.json removed. `stop_after_chunks` stops early (tests of interruption)."""
+  done = json.loads((out / "progress.json").read_text())[key]
+  array = np.load(array_path, mmap_mode="r+")
   from tqdm.auto import tqdm
-  bar = tqdm(total=len(ids), initial=done, desc="teacher", unit="text")
+  bar = tqdm(total=total, initial=done, desc=desc, unit=unit)
   chunks = 0
-  while done < len(ids):
-    end = min(done + chunk, len(ids))
-    vectors[done:end] = model.encode(texts[done:end], batch_size=batch_size, normalize=True)
-    vectors.flush()  # the rows are on disk before progress says so
-    _write_json(out / "progress.json", {"rows_done": end})
+  while done < total:
+    end = min(done + chunk, total)
+    where, values = fill(done, end)
+    array[where] = values
+    array.flush()  # the values are on disk before progress says so
+    _write_json(out / "progress.json", {key: end})
     bar.update(end - done)
     done, chunks = end, chunks + 1
-    if stop_after_chunks is not None and chunks >= stop_after_chunks and done < len(ids):
+    if stop_after_chunks is not None and chunks >= stop_after_chunks and done < total:
       bar.close()
-      return out
+      return
   bar.close()
-  del vectors
+  del array
   _write_json(out / "manifest.json", {**manifest, "complete": True})
   (out / "progress.json").unlink(missing_ok=True)
-  return out
 
 
 def import_store(vectors_NxD: np.ndarray, ids: Sequence[str], dataset, kinds: Sequence[str],
