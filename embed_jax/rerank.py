@@ -89,6 +89,11 @@ class CrossEncoder(Embedder):
     out = np.zeros((len(pairs), labels), np.float32)
     if len(pairs):
       ids, types = self.tokenize_pairs([p[0] for p in pairs], [p[1] for p in pairs])
+      cut = sum(len(r) >= self.config.max_seq_length for r in ids)
+      if cut:
+        log.info("%d of %d pairs reach max_seq_length=%d tokens: the longer text of each is cut "
+                 "first (longest-first truncation, as CrossEncoder)", cut, len(pairs),
+                 self.config.max_seq_length)
       if show_progress is None:
         show_progress = len(pairs) >= 5000
       from tqdm.auto import tqdm

@@ -292,3 +292,23 @@ def test_eval_reranks_a_first_stage_and_refuses_misuse(tiny_beir, tmp_path, caps
   assert main(["eval", "--model", "bm25", "--model", "bm25", "--dataset", str(tiny_beir),
                "--rerank", str(folder)]) != 0
   assert "give --model once" in capsys.readouterr().err
+
+
+def test_a_cross_encoder_where_a_bi_encoder_belongs_and_the_reverse_are_refused(
+    st_cross_encoder, tiny_model_dir, tiny_beir, tmp_path, capsys):
+  from configs import scifact_mnrl
+  from embed_jax import train as T
+  from embed_jax.cli import main
+  texts = tmp_path / "texts.txt"
+  texts.write_text("a text\n")
+  assert main(["encode", "--model", str(st_cross_encoder), "--input", str(texts), "--output",
+               str(tmp_path / "e.npy")]) != 0
+  assert "cross-encoder" in capsys.readouterr().err and not (tmp_path / "e.npy").exists()
+  assert main(["eval", "--model", "bm25", "--dataset", str(tiny_beir), "--rerank",
+               str(tiny_model_dir)]) != 0
+  assert "is not a cross-encoder" in capsys.readouterr().err
+  c = scifact_mnrl.get_config()
+  c.model, c.data.dataset = str(st_cross_encoder), str(tiny_beir)
+  c.max_seq_length, c.query_max_seq_length = 32, 16
+  with pytest.raises(ValueError, match="is a cross-encoder; set representation='cross'"):
+    T.train(c, tmp_path / "run")
