@@ -149,8 +149,32 @@ def _pooling_modes(pool_cfg: dict) -> tuple[str, ...]:
 
 # The transformers class of the exported encoder (state-dict keys without a task prefix), and
 # pad_token_id when config.json leaves it out (the transformers config class's default).
-_HF_MODEL_CLASSES = {"bert": "BertModel", "mpnet": "MPNetModel"}
-_HF_DEFAULT_PAD = {"bert": 0, "mpnet": 1}
+_HF_MODEL_CLASSES = {"bert": "BertModel", "mpnet": "MPNetModel", "qwen2": "Qwen2Model",
+                     "qwen3": "Qwen3Model"}
+_HF_DEFAULT_PAD = {"bert": 0, "mpnet": 1, "qwen2": 0, "qwen3": 0}
+
+
+def decoder_fields(folder: Path, hf: dict) -> dict:
+  """The ModelConfig fields of a Qwen2 / Qwen3 config.json."""
+  from embed_jax.models.config import Decoder
+  arch = hf["model_type"]
+  if hf.get("use_sliding_window"):
+    raise ModelFormatError(f"{folder / 'config.json'}: sliding-window attention is not supported")
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  if rope.get("rope_type", rope.get("type", "default")) != "default":
+    raise ModelFormatError(f"{folder / 'config.json'}: rope type {rope.get('rope_type')!r} is not "
+                           f"supported (only the default rotary embedding)")
+  heads = hf["num_attention_heads"]
+  bias = bool(hf.get("attention_bias", False))
+  decoder = Decoder(num_kv_heads=hf.get("num_key_value_heads") or heads,
+                    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+                    rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                    qkv_bias=True if arch == "qwen2" else bias, o_bias=arch == "qwen3" and bias,
+                    qk_norm=arch == "qwen3",
+                    tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)))
+  return dict(decoder=decoder, layer_norm_eps=hf.get("rms_norm_eps", 1e-6), add_pooler=False,
+              hidden_act=hf.get("hidden_act", "silu"), type_vocab_size=0,
+              hidden_dropout=0.0, attention_dropout=hf.get("attention_dropout", 0.0))
 
 
 def read_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
@@ -179,6 +203,8 @@ def read_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
     fields["type_vocab_size"] = hf.get("type_vocab_size", 2)
   elif arch == "mpnet":
     fields["relative_attention_num_buckets"] = hf.get("relative_attention_num_buckets", 32)
+  else:
+    fields.update(decoder_fields(folder, hf))
 
   modules = _read_json(folder / "modules.json", required=False) or []
   pool_path = next((m.get("path") for m in modules if m.get("type", "").endswith(".Pooling")), None)
@@ -258,6 +284,19 @@ def hf_config_dict(config: ModelConfig) -> dict:
     out.update(type_vocab_size=config.type_vocab_size, position_embedding_type="absolute")
   elif config.architecture == "mpnet":  # MPNetConfig has no token types nor position_embedding_type
     out.update(relative_attention_num_buckets=config.relative_attention_num_buckets)
+  else:  # a Qwen decoder: its own names for the norm epsilon and dropout
+    dec = config.decoder
+    for k in ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+      out.pop(k, None)
+    out.update(rms_norm_eps=config.layer_norm_eps, num_key_value_heads=dec.num_kv_heads,
+               head_dim=dec.head_dim, attention_dropout=config.attention_dropout,
+               tie_word_embeddings=dec.tie_word_embeddings)
+    if config.architecture == "qwen3":
+      out["attention_bias"] = dec.o_bias
+    if "rope_parameters" in out:
+      out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": dec.rope_theta}
+    else:
+      out["rope_theta"] = dec.rope_theta
   out.setdefault("initializer_range", 0.02)
   out.pop("_name_or_path", None)
   out.pop("torch_dtype", None)
@@ -328,6 +367,28 @@ def mpnet_table(config: ModelConfig) -> list[Entry]:
   return table
 
 
+def decoder_table(config: ModelConfig) -> list[Entry]:
+  """Qwen2Model / Qwen3Model (Qwen*ForCausalLM's keys under `model.`)."""
+  dec = config.decoder
+  table = [Entry("embed_tokens.weight", "encoder/embed_tokens/embedding"),
+           Entry("norm.weight", "encoder/norm/weight")]
+  proj = lambda hf, fx, bias: [Entry(f"{hf}.weight", f"{fx}/kernel", True)] + (  # noqa: E731
+      [Entry(f"{hf}.bias", f"{fx}/bias")] if bias else [])
+  for i in range(config.num_layers):
+    hf, fx = f"layers.{i}", f"encoder/layers_{i}"
+    for name in ("q_proj", "k_proj", "v_proj"):
+      table += proj(f"{hf}.self_attn.{name}", f"{fx}/self_attn/{name}", dec.qkv_bias)
+    table += proj(f"{hf}.self_attn.o_proj", f"{fx}/self_attn/o_proj", dec.o_bias)
+    if dec.qk_norm:
+      table += [Entry(f"{hf}.self_attn.q_norm.weight", f"{fx}/self_attn/q_norm/weight"),
+                Entry(f"{hf}.self_attn.k_norm.weight", f"{fx}/self_attn/k_norm/weight")]
+    for name in ("gate_proj", "up_proj", "down_proj"):
+      table += proj(f"{hf}.mlp.{name}", f"{fx}/mlp/{name}", False)
+    table += [Entry(f"{hf}.input_layernorm.weight", f"{fx}/input_layernorm/weight"),
+              Entry(f"{hf}.post_attention_layernorm.weight", f"{fx}/post_attention_layernorm/weight")]
+  return table
+
+
 def mlm_head_table(config: ModelConfig) -> list[Entry]:
   """BertForMaskedLM's prediction head (the decoder is tied to the word embeddings)."""
   p = "cls.predictions"
@@ -335,8 +396,8 @@ def mlm_head_table(config: ModelConfig) -> list[Entry]:
           *_norm(f"{p}.transform.LayerNorm", "mlm_head/LayerNorm"), Entry(f"{p}.bias", "mlm_head/bias")]
 
 
-NAME_TABLES: dict[str, Callable[[ModelConfig], list[Entry]]] = {"bert": bert_table,
-                                                                "mpnet": mpnet_table}
+NAME_TABLES: dict[str, Callable[[ModelConfig], list[Entry]]] = {
+    "bert": bert_table, "mpnet": mpnet_table, "qwen2": decoder_table, "qwen3": decoder_table}
 # Key prefixes of task models (BertForMaskedLM, MPNetForMaskedLM and friends) in front of the
 # encoder's keys.
 ENCODER_PREFIXES = ("bert.", "mpnet.", "model.")
@@ -415,7 +476,8 @@ def state_dict_to_params(state: dict[str, np.ndarray], config: ModelConfig,
     _set(params, e.flax, np.ascontiguousarray(value).astype(config.param_dtype))
   unused = sorted(k for k in state.keys() - wanted
                   if k != "embeddings.position_ids" and not k.startswith(("cls.predictions.",
-                                                                            "classifier.")))
+                                                                            "classifier.",
+                                                                            "lm_head.")))
   if unused:
     log.warning("%s: %d tensor(s) not used by the encoder, e.g. %s", source, len(unused), unused[:3])
   return params

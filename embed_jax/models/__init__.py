@@ -8,11 +8,13 @@ import jax.numpy as jnp
 
 from embed_jax.models.bert import BertModel
 from embed_jax.models.config import ModelConfig
+from embed_jax.models.decoder import DecoderModel
 from embed_jax.models.mlm import MLMHead
 from embed_jax.models.mpnet import MPNetModel
 from embed_jax.models.pooling import l2_normalize, pool, splade_pool
 
-ENCODERS = {"bert": BertModel, "mpnet": MPNetModel}  # config.json `model_type` -> encoder module
+# config.json `model_type` -> encoder module
+ENCODERS = {"bert": BertModel, "mpnet": MPNetModel, "qwen2": DecoderModel, "qwen3": DecoderModel}
 
 
 def supported_architectures() -> tuple[str, ...]:

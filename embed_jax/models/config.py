@@ -65,6 +65,23 @@ class SparseHead:
                        f"(relu/log1p_relu)")
 
 
+DECODERS = ("qwen2", "qwen3")  # causal-decoder families (embed_jax.models.decoder)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  """A causal decoder's attention settings (Qwen2 / Qwen3): grouped-query attention with
+  `num_kv_heads` key/value heads of `head_dim` dims, rotary embeddings with base `rope_theta`,
+  query/key/value biases (Qwen2) or an RMSNorm of each query and key head (Qwen3)."""
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 1e6
+  qkv_bias: bool = False
+  o_bias: bool = False  # the output projection's bias (Qwen3 with attention_bias)
+  qk_norm: bool = False
+  tie_word_embeddings: bool = False  # kept for export (an embedder has no LM head)
+
+
 CLASSIFIER_ACTIVATIONS = {"sigmoid": "torch.nn.modules.activation.Sigmoid",
                           "identity": "torch.nn.modules.linear.Identity"}
 
@@ -124,6 +141,9 @@ class ModelConfig:
   sparse: SparseHead | None = None
   # A cross-encoder (one score per joined query-document pair): its head, or None.
   classifier: Classifier | None = None
+  # A causal decoder (architecture qwen2 | qwen3): its attention settings; layer_norm_eps is
+  # its RMSNorm epsilon.
+  decoder: Decoder | None = None
   dtype: str = "float32"  # compute dtype; "bfloat16" on TPU/GPU
   param_dtype: str = "float32"  # storage dtype of the parameters
   hf_config: Any = dataclasses.field(default=None, compare=False, hash=False, repr=False)
@@ -146,6 +166,12 @@ class ModelConfig:
       raise ValueError(
           f"max_seq_length {self.max_seq_length} must be in 1..{self.max_tokens} "
           f"(max_position_embeddings {self.max_position_embeddings}{reserved})")
+    if (self.architecture in DECODERS) != (self.decoder is not None):
+      raise ValueError(f"architecture {self.architecture!r} and decoder settings "
+                       f"{self.decoder} do not belong together: decoders {DECODERS} need them")
+    if self.decoder is not None and self.num_heads % self.decoder.num_kv_heads:
+      raise ValueError(f"num_heads {self.num_heads} is not a multiple of the decoder's "
+                       f"{self.decoder.num_kv_heads} key/value heads")
     if self.architecture == "mpnet" and self.relative_attention_num_buckets < MPNET_BUCKETS:
       # transformers always computes 32 buckets, whatever the table size says.
       raise ValueError(f"relative_attention_num_buckets {self.relative_attention_num_buckets} must "
