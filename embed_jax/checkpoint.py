@@ -344,7 +344,8 @@ def _write_model(tmp: Path, params, config: ModelConfig, tokenizer, base_model: 
   _write_json(tmp / "sentence_bert_config.json",
               {"max_seq_length": config.max_seq_length, "do_lower_case": config.do_lower_case})
   from embed_jax import __version__
-  st_config = {"__version__": {"embed_jax": __version__}, "prompts": {}, "default_prompt_name": None,
+  st_config = {"__version__": {"embed_jax": __version__}, "prompts": dict(config.prompts),
+               "default_prompt_name": None,
                "similarity_fn_name": "cosine"}
   if config.matryoshka_dims:
     st_config["embed_jax"] = {"matryoshka_dims": list(config.matryoshka_dims)}

@@ -93,11 +93,13 @@ class Embedder:
   def dim(self) -> int:
     return self.config.embedding_dim
 
-  def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids per text, with [CLS]/[SEP], truncated to max_seq_length (as sentence-transformers)."""
+  def tokenize(self, texts: Sequence[str], prompt: str = "") -> list[list[int]]:
+    """Token ids per text (after `prompt`), with [CLS]/[SEP], truncated to max_seq_length (as
+    sentence-transformers)."""
     for i, t in enumerate(texts):
       if not isinstance(t, str):
         raise TypeError(f"texts[{i}] is {type(t).__name__}, not str")
+    texts = [prompt + t for t in texts] if prompt else texts
     return tokenize_texts(self.tokenizer, self.config, texts, self.config.max_seq_length)
 
   def batches(self, token_ids: list[list[int]], batch_size: int):
@@ -106,8 +108,12 @@ class Embedder:
                             self.config.pad_token_id)
 
   def encode(self, texts: Sequence[str], batch_size: int = 32, normalize: bool | None = None,
-             truncate_dim: int | None = None, show_progress: bool | None = None) -> np.ndarray:
+             truncate_dim: int | None = None, show_progress: bool | None = None,
+             prompt_name: str | None = None, prompt: str | None = None) -> np.ndarray:
     """Embeds `texts` -> float32 [n, d], in input order.
+
+    prompt_name: one of the model's prompts (config_sentence_transformers.json, e.g. "query")
+      put before each text; `prompt` gives the text itself. An unknown name is refused.
 
     normalize: None follows the model (unit length if it has a Normalize module), True always
       returns unit vectors, False returns the raw pooled vectors.
@@ -128,10 +134,13 @@ class Embedder:
     d = self.dim if truncate_dim is None else int(truncate_dim)
     if not 1 <= d <= self.dim:
       raise ValueError(f"truncate_dim must be in 1..{self.dim}, got {truncate_dim}")
+    if prompt_name is not None and prompt_name not in dict(self.config.prompts):
+      raise ValueError(f"prompt_name {prompt_name!r}: the model's prompts are "
+                       f"{sorted(dict(self.config.prompts)) or 'none'}")
     out = np.zeros((len(texts), d), np.float32)
     if not len(texts):
       return out
-    token_ids = self.tokenize(texts)
+    token_ids = self.tokenize(texts, prompt if prompt is not None else self.config.prompt(prompt_name))
     truncated = sum(len(t) == self.config.max_seq_length for t in token_ids)
     if truncated:
       log.info("%d of %d texts reach max_seq_length=%d tokens (longer ones are truncated)",
@@ -157,6 +166,13 @@ class Embedder:
   def save(self, out_dir: str | os.PathLike) -> Path:
     from embed_jax.checkpoint import export
     return export(self.params, self.config, self.tokenizer, out_dir, base_model=self.source)
+
+
+def role_prompt(model, role: str) -> dict:
+  """{"prompt_name": role} for `model.encode` when the model has a prompt of that name (e.g. a
+  query instruction), else {}: how callers encode queries as the model expects."""
+  config = getattr(model, "config", None)
+  return {"prompt_name": role} if config is not None and role in dict(config.prompts) else {}
 
 
 def load(name_or_path: str | os.PathLike = hf.DEFAULT_MODEL, *, dtype: str = "float32",

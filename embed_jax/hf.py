@@ -223,6 +223,10 @@ def read_config(folder: str | os.PathLike, **overrides) -> ModelConfig:
   fields["do_lower_case"] = bool(st_cfg.get("do_lower_case", False))
   st_model_cfg = _read_json(folder / "config_sentence_transformers.json", required=False) or {}
   fields["matryoshka_dims"] = tuple(st_model_cfg.get("embed_jax", {}).get("matryoshka_dims", ()))
+  fields["prompts"] = tuple((k, v) for k, v in (st_model_cfg.get("prompts") or {}).items() if v)
+  if pool_cfg and pool_cfg.get("include_prompt") is False:
+    raise ModelFormatError(f"{folder}: the Pooling module leaves prompt tokens out "
+                           f"(include_prompt false, INSTRUCTOR-style); embed_jax pools every token")
   fields.update(late_interaction_fields(folder, modules, st_model_cfg))
   fields.update(sparse_fields(folder, modules))
   fields.update(classifier_fields(folder, hf))

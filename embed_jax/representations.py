@@ -55,10 +55,12 @@ class Dense:
     return self
 
   def tokenize(self, tokenizer, model_config, texts, role: str, max_len: int) -> list[list[int]]:
-    """Token ids of texts, [CLS]/[SEP] included, truncated to max_len (queries and documents
-    alike)."""
+    """Token ids of texts after the model's prompt for the role ("query", "document"; none
+    when it has none), [CLS]/[SEP] included, truncated to max_len."""
     from embed_jax.embedder import tokenize_texts
-    return tokenize_texts(tokenizer, model_config, texts, max_len)
+    prompt = model_config.prompt(role)
+    return tokenize_texts(tokenizer, model_config, [prompt + t for t in texts] if prompt else texts,
+                          max_len)
 
   # ---- in the step ----
 
@@ -85,9 +87,11 @@ class Dense:
   # ---- outside the step: encode, search, export ----
 
   def encode(self, model, texts, *, batch_size: int = 32, show_progress=None, role=None):
-    """float32 [n, E] raw vectors of `texts` (an embed_jax.Embedder), in input order; queries
-    and documents alike."""
-    return model.encode(texts, batch_size=batch_size, normalize=False, show_progress=show_progress)
+    """float32 [n, E] raw vectors of `texts` (an embed_jax.Embedder), in input order, after the
+    model's prompt for the role (queries: "query") when it has one."""
+    from embed_jax.embedder import role_prompt
+    return model.encode(texts, batch_size=batch_size, normalize=False, show_progress=show_progress,
+                        **role_prompt(model, role))
 
   def search_plan(self, docs_NxD, *, dims=None, precisions=("float32",), rescore: int = 0,
                   pool_factors=(), plaid: bool = False) -> list:

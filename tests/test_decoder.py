@@ -9,6 +9,8 @@ import pytest
 import embed_jax
 from tests.test_mpnet import texts
 
+PROMPT = "Instruct: find the passage about it\nQuery: "  # Qwen3-Embedding's query form
+
 
 def _tiny_decoder(root, family: str, pooling: str):
   """A random 2-layer transformers Qwen2Model / Qwen3Model (grouped-query attention: 4 query
@@ -34,7 +36,8 @@ def _tiny_decoder(root, family: str, pooling: str):
   model.eval().save_pretrained(root / "hf")
   tok.save_pretrained(root / "hf")
   st = SentenceTransformer(modules=[models.Transformer(str(root / "hf"), max_seq_length=128),
-                                    models.Pooling(32, pooling), models.Normalize()], device="cpu")
+                                    models.Pooling(32, pooling), models.Normalize()], device="cpu",
+                           prompts={"query": PROMPT, "document": ""})
   st.save(str(root / "st"))
   return root / "st", st
 
@@ -48,10 +51,18 @@ def test_decoder_embeddings_equal_sentence_transformers(family, pooling, tmp_pat
   want = st.encode(batch, batch_size=8, convert_to_numpy=True)
   got = model.encode(batch, batch_size=8)
   assert np.abs(got - want).max() <= 1e-5
-  # Prefixes (an instruction before each query) go through the same model.
-  prefixed = ["Instruct: find the passage\nQuery: " + t for t in batch[:6]]
-  assert np.abs(model.encode(prefixed) - st.encode(prefixed, convert_to_numpy=True)).max() <= 1e-5
+  # The model's query prompt (an instruction before each query), by name and by role.
+  from embed_jax.representations import of_model
+  assert model.config.prompt("query") == PROMPT
+  want_q = st.encode(batch[:6], prompt_name="query", convert_to_numpy=True)
+  assert np.abs(model.encode(batch[:6], prompt_name="query") - want_q).max() <= 1e-5
+  as_query = of_model(model).encode(model, batch[:6], role="query")
+  assert np.abs(as_query / np.linalg.norm(as_query, axis=1, keepdims=True) - want_q).max() <= 1e-5
+  assert np.abs(want_q - want[:6]).max() > 1e-3  # the prompt changes the vectors
+  with pytest.raises(ValueError, match="prompt_name 'passage'"):
+    model.encode(["x"], prompt_name="passage")
   out = model.save(tmp_path / "export")
+  assert embed_jax.load(out).config.prompts == (("query", PROMPT),)
   from sentence_transformers import SentenceTransformer
   again = SentenceTransformer(str(out), device="cpu").encode(batch, convert_to_numpy=True)
   assert np.abs(again - got).max() <= 1e-5

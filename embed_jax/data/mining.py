@@ -141,8 +141,10 @@ def mine_hard_negatives(model, dataset, split: str = "train", *, top_k: int = 10
 
   docs_NxD = model.encode(dataset.corpus_texts(" "), batch_size=batch_size, normalize=False,
                           show_progress=show_progress)
+  from embed_jax.embedder import role_prompt
   queries_QxD = model.encode([queries[q] for q in query_ids], batch_size=batch_size,
-                             normalize=False, show_progress=show_progress)
+                             normalize=False, show_progress=show_progress,
+                             **role_prompt(model, "query"))
   index = evaluate.Float32()
   index.index(docs_NxD)
   scores_QxK, indices_QxK = index.search(queries_QxD, top_k)

@@ -66,7 +66,8 @@ def _score_chunk(model, queries: list[str], lists: list[list[str]], batch_size: 
   if teacher_kind(model) == "cross-encoder":
     pairs = [(q, d) for q, docs in zip(queries, lists) for d in docs]
     return model.predict(pairs, batch_size=batch_size, activation=False).reshape(len(pairs), -1)[:, -1]
-  q_QxD = model.encode(queries, batch_size=batch_size, normalize=True)
+  from embed_jax.embedder import role_prompt
+  q_QxD = model.encode(queries, batch_size=batch_size, normalize=True, **role_prompt(model, "query"))
   flat = [d for docs in lists for d in docs]
   d_NxD = model.encode(flat, batch_size=batch_size, normalize=True)
   owner = np.repeat(np.arange(len(queries)), [len(docs) for docs in lists])

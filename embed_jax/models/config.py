@@ -134,6 +134,9 @@ class ModelConfig:
   max_seq_length: int = 256  # tokens, [CLS] and [SEP] included; longer texts are truncated
   do_lower_case: bool = False  # lower-case before tokenising (sentence_bert_config.json)
   matryoshka_dims: tuple[int, ...] = ()  # truncations the model was trained for (model card)
+  # Named texts put before an input (sentence-transformers' prompts, e.g. Qwen3-Embedding's
+  # ("query", "Instruct: ...\nQuery:")): ((name, text), ...); queries take "query" by default.
+  prompts: tuple[tuple[str, str], ...] = ()
   # A multi-vector model (PyLate's pipeline: Transformer -> token Dense), instead of the
   # sentence-embedding pipeline above: its settings, or None.
   late_interaction: LateInteraction | None = None
@@ -198,6 +201,10 @@ class ModelConfig:
   @property
   def embedding_dim(self) -> int:
     return self.dense_features or self.pooled_dim
+
+  def prompt(self, name: str | None) -> str:
+    """The text of a named prompt ("" when the model has none of that name)."""
+    return dict(self.prompts).get(name, "") if name else ""
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
