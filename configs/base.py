@@ -181,7 +181,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.head_lr = 0.0
 
   c.train = ml_collections.ConfigDict()
-  c.train.runner = "jit"  # jit (a Mesh with a `data` axis) | pmap
+  c.train.runner = "jit"  # jit (a Mesh with `data` and `fsdp` axes) | pmap
+  # Devices along the mesh's fsdp axis: > 1 splits every parameter and optimiser-state leaf over
+  # them (FSDP, train.FSDP_RULES); the batch is split over all devices either way.
+  c.train.fsdp = 1
   c.train.grad_cache_chunk = 0  # > 0: gradient caching with chunks of this many pairs
   c.train.log_every = 10  # steps between metric lines (every step with one task per step)
 

@@ -71,6 +71,12 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.batch_size < 1 or config.batch_size % num_devices:
     problems.append(f"batch_size={config.batch_size} must be a positive multiple of the "
                     f"{num_devices} devices")
+  fsdp = config.train.fsdp
+  if fsdp < 1 or num_devices % fsdp:
+    problems.append(f"train.fsdp={fsdp} must divide the {num_devices} devices (the mesh is "
+                    f"data {num_devices} / fsdp x fsdp)")
+  elif fsdp > 1 and config.train.runner != "jit":
+    problems.append(f"train.fsdp={fsdp} needs train.runner='jit' (pmap replicates parameters)")
   chunk = config.train.grad_cache_chunk
   if chunk < 0 or (chunk and (config.batch_size // num_devices) % chunk):
     problems.append(f"train.grad_cache_chunk={chunk} must divide the per-device batch "
@@ -210,20 +216,71 @@ def make_train_step(module: SentenceEncoder, objective: Objective, config: ml_co
 # ----------------------------------------------------------------------------------------------
 
 
-class JitRunner:
-  """Batch sharded over a `data` axis, params replicated; the loss sees the global batch."""
+# FSDP: which axis of a parameter (or optimiser state) leaf is split over the `fsdp` mesh axis.
+# Each rule is (regex over the leaf's "/"-joined path, the axis to split, or None: replicate); the
+# first match wins; a leaf matched by none is split on its largest axis that the fsdp size
+# divides. Leaves below MIN_SHARD_SIZE elements (biases, norms, scalars) stay replicated: their
+# all-gathers would cost more than their memory.
+FSDP_RULES: tuple[tuple[str, int | None], ...] = (
+    (r"(^|/)(step|rng|count)$", None),
+    (r".*/(word_embeddings|embed_tokens)/embedding$", 0),  # [V, H]: the vocabulary axis
+)
+MIN_SHARD_SIZE = 1 << 14
 
-  def __init__(self, step_fn, devices=None):
+
+def fsdp_spec(path: str, shape: tuple[int, ...], fsdp: int, rules=FSDP_RULES,
+              min_size: int | None = None) -> P:
+  """The PartitionSpec of one state leaf under FSDP over `fsdp` devices (see FSDP_RULES)."""
+  if fsdp <= 1 or math.prod(shape) < (MIN_SHARD_SIZE if min_size is None else min_size):
+    return P()
+  for pattern, axis in rules:
+    if re.search(pattern, path):
+      if axis is None or shape[axis] % fsdp:
+        return P()
+      return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
+  fits = [i for i in range(len(shape)) if shape[i] % fsdp == 0]
+  if not fits:
+    return P()
+  axis = max(fits, key=lambda i: shape[i])
+  return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
+
+
+def _path(keys) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
+
+
+class JitRunner:
+  """One jitted step over a Mesh with `data` and `fsdp` axes. The batch is split over both
+  (every device holds its own rows); with fsdp > 1 every parameter and optimiser-state leaf is
+  split over the fsdp axis (FSDP / ZeRO-3: XLA gathers a layer's weights where the step uses
+  them and reduce-scatters their gradients), else replicated. The loss sees the global batch."""
+
+  def __init__(self, step_fn, devices=None, fsdp: int = 1):
     devices = devices or jax.devices()
-    self.mesh = jax.make_mesh((len(devices),), ("data",), devices=devices,
-                              axis_types=(jax.sharding.AxisType.Auto,))
-    self.state_sharding = NamedSharding(self.mesh, P())  # replicated
-    self.data = NamedSharding(self.mesh, P("data"))
-    self._step = jax.jit(step_fn, in_shardings=(self.state_sharding, self.data),
-                         out_shardings=(self.state_sharding, self.state_sharding), donate_argnums=0)
+    if fsdp < 1 or len(devices) % fsdp:
+      raise ValueError(f"train.fsdp={fsdp} must divide the {len(devices)} devices")
+    self.mesh = jax.make_mesh((len(devices) // fsdp, fsdp), ("data", "fsdp"), devices=devices,
+                              axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    self.fsdp = fsdp
+    self.replicated = NamedSharding(self.mesh, P())
+    self.data = NamedSharding(self.mesh, P(("data", "fsdp")))
+    self.step_fn = step_fn
+    self.state_sharding = None  # set from the state's shapes (state_shardings)
+    self._step = None
+
+  def state_shardings(self, abstract_state):
+    """The sharding of every leaf of a state (shapes or arrays), FSDP_RULES over its path."""
+    shardings = jax.tree_util.tree_map_with_path(
+        lambda keys, x: NamedSharding(self.mesh, fsdp_spec(_path(keys), tuple(x.shape), self.fsdp)),
+        abstract_state)
+    if self._step is None:
+      self.state_sharding = shardings
+      self._step = jax.jit(self.step_fn, in_shardings=(shardings, self.data),
+                           out_shardings=(shardings, self.replicated), donate_argnums=0)
+    return shardings
 
   def put_state(self, state: TrainState) -> TrainState:
-    return jax.device_put(state, self.state_sharding)
+    return jax.device_put(state, self.state_shardings(state))
 
   def get_state(self, state: TrainState) -> TrainState:
     return state
@@ -235,11 +292,16 @@ class JitRunner:
 class PmapRunner:
   """pmap over devices: all_gather inside the loss, pmean of gradients (kept thin on purpose)."""
 
-  def __init__(self, step_fn, devices=None):
+  def __init__(self, step_fn, devices=None, fsdp: int = 1):
+    if fsdp != 1:
+      raise ValueError("train.fsdp > 1 needs train.runner='jit' (pmap replicates every parameter)")
     self.devices = devices or jax.devices()
     self.n = len(self.devices)
     self.state_sharding = jax.sharding.SingleDeviceSharding(self.devices[0])
     self._step = jax.pmap(step_fn, axis_name="batch", devices=self.devices, donate_argnums=0)
+
+  def state_shardings(self, abstract_state):
+    return jax.tree.map(lambda _: self.state_sharding, abstract_state)
 
   def put_state(self, state: TrainState) -> TrainState:
     """A copy of the state per device (through the host: pmap places its inputs itself)."""
@@ -254,8 +316,8 @@ class PmapRunner:
     return state, jax.tree.map(lambda x: x[0], metrics)
 
 
-def make_runner(name: str, step_fn, devices=None):
-  return {"jit": JitRunner, "pmap": PmapRunner}[name](step_fn, devices)
+def make_runner(name: str, step_fn, devices=None, fsdp: int = 1):
+  return {"jit": JitRunner, "pmap": PmapRunner}[name](step_fn, devices, fsdp)
 
 
 def start_state(runner, params, tx, seed: int, mngr=None, resume: str = ""):
@@ -264,9 +326,10 @@ def start_state(runner, params, tx, seed: int, mngr=None, resume: str = ""):
   (jax.eval_shape) carries the runner's sharding, and the state is read or computed straight into
   it, never first built whole elsewhere."""
   make = lambda p: init_state(p, tx, seed)  # noqa: E731
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=runner.state_sharding),
-                          jax.eval_shape(make, params))
+  shapes = jax.eval_shape(make, params)
+  shardings = runner.state_shardings(shapes)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
   for source in ([mngr] if mngr is not None else []) + (
       [checkpoint_manager(Path(resume))] if resume else []):
     if source.latest_step() is not None:
@@ -275,7 +338,7 @@ def start_state(runner, params, tx, seed: int, mngr=None, resume: str = ""):
       return runner.put_state(state), meta
     if source is not mngr:
       raise FileNotFoundError(f"resume={resume!r} has no checkpoint")
-  state = jax.jit(make, out_shardings=runner.state_sharding)(params)
+  state = jax.jit(make, out_shardings=shardings)(params)
   return runner.put_state(state), {"best_dev": None, "best_step": None}
 
 
@@ -399,7 +462,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   tx, schedule = make_optimizer(config.optim, total_steps)
   runner = make_runner(config.train.runner, make_train_step(
       module, objective, config, tx, schedule, "batch" if config.train.runner == "pmap" else None),
-      devices)
+      devices, config.train.fsdp)
   mngr = checkpoint_manager(workdir, config.checkpoint.keep)
   state, meta = start_state(runner, params, tx, config.seed, mngr, config.resume)
   # The exported model card and config name the Matryoshka dims the model was trained for, and

@@ -288,7 +288,7 @@ def test_store_of_other_texts_is_refused_before_training(tiny_beir, tiny_dataset
 from tests.test_train import _assert_same, needs_8, runner_model_config, synthetic_batch  # noqa: E402
 
 
-def _run_distill(runner_name, devices, chunk=0):
+def _run_distill(runner_name, devices, chunk=0, fsdp=1):
   from configs import scifact_mnrl
   from embed_jax.objective import build_objective
   from embed_jax.models import SentenceEncoder
@@ -305,7 +305,7 @@ def _run_distill(runner_name, devices, chunk=0):
   axis = "batch" if runner_name == "pmap" else None
   objective = build_objective(c, distill_projection=True)
   runner = T.make_runner(runner_name, T.make_train_step(SentenceEncoder(cfg), objective, c, tx,
-                                                        schedule, axis), devices)
+                                                        schedule, axis), devices, fsdp)
   state = runner.put_state(T.init_state(params, tx, seed=0))
   losses_ = []
   for s in range(2):

@@ -138,12 +138,12 @@ def _mrl_batch(seed):
   return batch
 
 
-def _mrl_run(runner_name, devices, chunk=0, steps=2):
+def _mrl_run(runner_name, devices, chunk=0, steps=2, fsdp=1):
   c = _mrl_config(chunk, runner_name)
   cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
   tx, schedule = T.make_optimizer(c.optim, total_steps=10)
   axis = "batch" if runner_name == "pmap" else None
-  runner = T.make_runner(runner_name, make_step(cfg, c, tx, schedule, axis), devices)
+  runner = T.make_runner(runner_name, make_step(cfg, c, tx, schedule, axis), devices, fsdp)
   state = runner.put_state(T.init_state(init_params(cfg), tx, seed=0))
   losses_, metrics = [], None
   for s in range(steps):

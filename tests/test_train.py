@@ -85,10 +85,10 @@ def _setup(grad_cache_chunk=0, runner="jit", symmetric=True):
   return cfg, c, tx, schedule, state
 
 
-def _run(runner_name, devices, chunk=0, steps=2):
+def _run(runner_name, devices, chunk=0, steps=2, fsdp=1):
   cfg, c, tx, schedule, state = _setup(chunk, runner_name)
   axis = "batch" if runner_name == "pmap" else None
-  runner = T.make_runner(runner_name, make_step(cfg, c, tx, schedule, axis), devices)
+  runner = T.make_runner(runner_name, make_step(cfg, c, tx, schedule, axis), devices, fsdp)
   state = runner.put_state(state)
   losses = []
   for s in range(steps):
