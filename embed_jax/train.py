@@ -218,8 +218,8 @@ def make_train_step(module: SentenceEncoder, objective: Objective, config: ml_co
 
 # FSDP: which axis of a parameter (or optimiser state) leaf is split over the `fsdp` mesh axis.
 # Each rule is (regex over the leaf's "/"-joined path, the axis to split, or None: replicate); the
-# first match wins; a leaf matched by none is split on its largest axis that the fsdp size
-# divides. Leaves below MIN_SHARD_SIZE elements (biases, norms, scalars) stay replicated: their
+# first match wins; a leaf matched by none, or whose rule's axis the fsdp size does not divide, is
+# split on its largest axis that the fsdp size divides. Leaves below MIN_SHARD_SIZE elements (biases, norms, scalars) stay replicated: their
 # all-gathers would cost more than their memory.
 FSDP_RULES: tuple[tuple[str, int | None], ...] = (
     (r"(^|/)(step|rng|count)$", None),
@@ -235,9 +235,11 @@ def fsdp_spec(path: str, shape: tuple[int, ...], fsdp: int, rules=FSDP_RULES,
     return P()
   for pattern, axis in rules:
     if re.search(pattern, path):
-      if axis is None or shape[axis] % fsdp:
+      if axis is None:
         return P()
-      return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
+      if shape[axis] % fsdp == 0:
+        return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
+      break  # e.g. BERT's 30,522-row vocabulary on 8 devices: the default below (hidden axis)
   fits = [i for i in range(len(shape)) if shape[i] % fsdp == 0]
   if not fits:
     return P()

@@ -27,6 +27,8 @@ def test_fsdp_specs_follow_the_rules():
                      min_size=0) == P("fsdp", None)
   assert T.fsdp_spec("params/encoder/layer_0/intermediate/dense/kernel", (384, 1536), 8,
                      min_size=0) == P(None, "fsdp")  # the largest axis the size divides
+  assert T.fsdp_spec("params/encoder/embeddings/word_embeddings/embedding", (30522, 384), 8,
+                     min_size=0) == P(None, "fsdp")  # 8 does not divide the vocabulary
   assert T.fsdp_spec("opt_state/0/mu/x/bias", (30,), 8, min_size=0) == P()  # 8 does not divide 30
   assert T.fsdp_spec("step", (), 8, min_size=0) == P()
   assert T.fsdp_spec("params/x/kernel", (64, 64), 8, min_size=1 << 14) == P()  # too small to split
