@@ -294,9 +294,22 @@ def load_config(path: str, overrides: list[str]):
 
 
 def cmd_train(args, overrides: list[str]) -> None:
-  from embed_jax import train
+  from embed_jax import distributed, train
+  if (args.num_processes or args.process_id is not None) and not args.coordinator:
+    raise CliError("--num_processes and --process_id need --coordinator host:port (or auto)")
+  if args.coordinator and args.coordinator != "auto" and (
+      not args.num_processes or args.process_id is None
+      or not 0 <= args.process_id < args.num_processes):
+    raise CliError(f"--coordinator {args.coordinator} needs --num_processes N and --process_id i "
+                   f"in 0..N-1")
+  if args.stop_after is not None and args.stop_after < 1:
+    raise CliError(f"--stop_after {args.stop_after} must be >= 1")
   config = load_config(args.config, overrides)
-  summary = train.train(config, args.workdir, fork=args.fork)
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                         args.init_timeout)
+  summary = train.train(config, args.workdir, fork=args.fork, stop_after=args.stop_after)
+  if not distributed.is_main():
+    return
   print(json.dumps(summary, indent=2))
   if "test_ndcg@10" in summary:
     before = summary.get("test_ndcg@10_before")
@@ -500,6 +513,15 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("--fork", action="store_true",
                  help="go on from the workdir's checkpoint with a changed config (the old "
                       "config.json is kept as config.fork-<n>.json)")
+  t.add_argument("--stop_after", type=int, default=None,
+                 help="stop after this many steps (checkpointed); re-running resumes")
+  t.add_argument("--coordinator", default=None,
+                 help="multi-host: host:port of process 0's coordinator (every process the same), "
+                      "or auto on a TPU VM slice / SLURM / Open MPI (JAX finds it)")
+  t.add_argument("--num_processes", type=int, default=None, help="multi-host: processes in all")
+  t.add_argument("--process_id", type=int, default=None, help="multi-host: this process, 0..N-1")
+  t.add_argument("--init_timeout", type=int, default=120,
+                 help="multi-host: seconds to wait for every process to join")
   t.set_defaults(func=cmd_train, takes_overrides=True)
 
   f = add("fetch-model",
@@ -603,8 +625,10 @@ def _user_errors() -> tuple:
   that cannot be read or written (OSError names the path), and a run that cannot go on
   (embed_jax.train, if a command loaded it)."""
   train = sys.modules.get("embed_jax.train")
+  dist = sys.modules.get("embed_jax.distributed")
   return (CliError, OSError, ValueError, TypeError) + (
-      (train.TrainingError,) if train is not None else ())
+      (train.TrainingError,) if train is not None else ()) + (
+      (dist.DistributedError,) if dist is not None else ())
 
 
 def main(argv: list[str] | None = None) -> int:

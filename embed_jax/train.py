@@ -288,7 +288,8 @@ class JitRunner:
     return state
 
   def step(self, state, batch):
-    return self._step(state, jax.device_put(batch, self.data))
+    from embed_jax.distributed import global_batch
+    return self._step(state, global_batch(batch, self.data))
 
 
 class PmapRunner:
@@ -368,10 +369,14 @@ class MetricsLog:
   checkpoint. Lines a resumed run will write again (steps after the checkpoint it resumes from,
   which a hard kill can leave behind) are dropped first."""
 
-  def __init__(self, path: Path, start: int, keep: Callable[[int], bool], checkpoints: Path,
+  def __init__(self, path: Path | None, start: int, keep: Callable[[int], bool], checkpoints: Path,
                last_good: int | None, bar):
+    """path None: check the losses, write nothing (the other processes of a multi-host run)."""
     self.path, self.keep, self.checkpoints, self.last_good, self.bar = path, keep, checkpoints, last_good, bar
     self.pending = None
+    self.file = None
+    if path is None:
+      return
     if path.exists():  # train lines carry the 0-based step, evaluation lines the steps done
       rows = []
       for line in path.read_text(encoding="utf-8").splitlines():
@@ -404,11 +409,14 @@ class MetricsLog:
     self.bar.set_postfix(loss=f"{m['loss']:.4f}")
 
   def write(self, row: dict) -> None:
+    if self.file is None:
+      return
     self.file.write(json.dumps(row) + "\n")
     self.file.flush()
 
   def close(self) -> None:
-    self.file.close()
+    if self.file is not None:
+      self.file.close()
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -427,13 +435,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   from embed_jax.data import inputs
 
   # ---- config and logging: bad config and data are refused before the workdir exists ----
+  from embed_jax import distributed
   devices = devices or jax.devices()
   check_config(config, len(devices))
+  distributed.check_same(config.to_json_best_effort(sort_keys=True))
+  main = distributed.is_main()  # logs, metrics, evaluations and the export: process 0's
   dataset, store = inputs.check(config)
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  forked = check_run_config(workdir, config.to_json_best_effort(indent=2), fork)
-  _setup_logging(workdir)
+  forked = False
+  if main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    forked = check_run_config(workdir, config.to_json_best_effort(indent=2), fork)
+    _setup_logging(workdir)
+  distributed.barrier("workdir")
 
   # ---- model and data ----
   log.info("loading %s", "a tiny random model (smoke)" if config.smoke else config.init or config.model)
@@ -475,7 +489,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
   # ---- loop ----
   start = int(runner.get_state(state).step)
-  if start == 0:
+  if start == 0 and main:
     evals.at_start(params)
   end = total_steps if stop_after is None else min(total_steps, start + stop_after)
   log.info("training steps %d to %d of %d (%d per epoch), checkpoints in %s", start + 1, end,
@@ -485,8 +499,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   # With one task per step, every step is logged (each carries its own task's metrics).
   keep = lambda s: (s % config.train.log_every == 0 or s == total_steps - 1  # noqa: E731
                     or config.task_sampling != "all")
-  metrics = MetricsLog(workdir / "metrics.jsonl", start, keep, workdir / "checkpoints",
-                       mngr.latest_step(), bar)
+  metrics = MetricsLog(workdir / "metrics.jsonl" if main else None, start, keep,
+                       workdir / "checkpoints", mngr.latest_step(), bar)
   try:
     for step in bar:
       state, m = runner.step(state, data.loader.batch(step))
@@ -496,15 +510,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       if save or evals.due(done, total_steps):
         metrics.flush()  # never evaluate or checkpoint params from a non-finite loss
         host = runner.get_state(state)
-        scores = evals.every(done, total_steps, host.params)
+        scores = evals.every(done, total_steps, distributed.to_host(host.params)) if main else {}
         if scores:
           metrics.write({"step": done, **scores})
         dev = scores.get(evals.key("dev"))
         if dev is not None and (meta["best_dev"] is None or dev > meta["best_dev"]):
           meta = {"best_dev": dev, "best_step": done}
-          if config.export == "best":  # kept apart from the rolling checkpoints (keep-K)
-            objective.representation.export(host.params, export_config, tokenizer,
-                                            workdir / "best", base_model=base_model)
+          if config.export == "best" and main:  # kept apart from the rolling checkpoints
+            objective.representation.export(distributed.to_host(host.params), export_config,
+                                            tokenizer, workdir / "best", base_model=base_model)
         if save:
           save_checkpoint(mngr, host, meta)
           metrics.last_good = done
@@ -523,7 +537,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   if start == end and exported.exists() and evals.written() and not forked:
     log.info("%s is finished (step %d): nothing to do", workdir, end)  # report what it wrote
   else:
-    params = runner.get_state(state).params
+    params = distributed.to_host(runner.get_state(state).params)  # every process takes part
+    if not main:
+      distributed.barrier("export")  # process 0 exports and evaluates
+      return {**summary, "export": str(exported)}
     if config.export == "best" and meta["best_step"] is not None:
       params = hf.load(workdir / "best")[1]
       log.info("exporting the best dev model (step %d, dev %.4f)", meta["best_step"],
@@ -534,6 +551,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if config.export_mlm:
       export_mlm(params, export_config, tokenizer, workdir / "export_mlm")
     evals.at_end(params)
+    distributed.barrier("export")
   summary["export"] = str(exported)
   if config.export_mlm:
     summary["export_mlm"] = str(workdir / "export_mlm")

@@ -93,7 +93,10 @@ def build(config, model_config, tokenizer, start: Embedder, workdir: Path, datas
   from embed_jax.tasks import SampledLoader, build_tasks
   main, dev_qrels = [], None
   if uses_pairs(config):
-    mine_if_missing(config, dataset, start)
+    from embed_jax import distributed
+    if distributed.is_main():  # one process mines; the others read the file it writes
+      mine_if_missing(config, dataset, start)
+    distributed.barrier("negatives")
     pairs, dev_qrels = load_data(config, dataset, tokenizer, model_config, store, rep)
     main.append(pairs)
   if uses_unlabelled(config):
