@@ -1,6 +1,7 @@
 """Training-step throughput: embed_jax vs sentence-transformers (PyTorch, MNRL), in one run.
 
     python benchmarks/train_step.py [--batch_size 32] [--seq_len 128] [--steps 4] [--rounds 2]
+    python benchmarks/train_step.py --jax_only [--dtype bfloat16] [--fsdp 4]   # any backend
 
 Both take AdamW steps of all-MiniLM-L6-v2 on the same (query, positive) pairs with in-batch
 negatives (MultipleNegativesRankingLoss, scale 20), queries and positives padded to seq_len, once
@@ -26,14 +27,16 @@ import numpy as np
 from benchmarks.encode import matmul_peak, model_flops, scifact_texts
 
 
-def jax_stepper(model_dir: str, texts_q, texts_p, seq_len: int, dropout: bool):
-  """Sets up and compiles an embed_jax train step; returns run(n) -> seconds per step."""
+def jax_stepper(model_dir: str, texts_q, texts_p, seq_len: int, dropout: bool, devices=None,
+                dtype: str = "float32", fsdp: int = 1):
+  """Sets up and compiles an embed_jax train step (over `devices`, default one); returns
+  run(n) -> seconds per step."""
   from configs import scifact_mnrl
   from embed_jax import hf, train
   from embed_jax.embedder import load_tokenizer
   from embed_jax.models import SentenceEncoder
   from embed_jax.objective import build_objective
-  cfg, params = hf.load(model_dir, max_seq_length=seq_len)
+  cfg, params = hf.load(model_dir, max_seq_length=seq_len, dtype=dtype)
   if not dropout:
     cfg = cfg.replace(hidden_dropout=0.0, attention_dropout=0.0)
   c = scifact_mnrl.get_config()
@@ -48,7 +51,7 @@ def jax_stepper(model_dir: str, texts_q, texts_p, seq_len: int, dropout: bool):
                                 "p_ids_B": np.arange(b, dtype=np.int32), "valid_B": np.ones(b, bool)}}}
   tx, schedule = train.make_optimizer(c.optim, 1000)
   step = train.make_train_step(SentenceEncoder(cfg), build_objective(c), c, tx, schedule)
-  runner = train.JitRunner(step, jax.devices()[:1])
+  runner = train.JitRunner(step, devices or jax.devices()[:1], fsdp=fsdp)
   holder = [train.start_state(runner, params, tx, 0)[0]]
 
   def run(n: int) -> float:
@@ -100,7 +103,14 @@ def main():
   p.add_argument("--seq_len", type=int, default=128)
   p.add_argument("--steps", type=int, default=4, help="timed steps per round")
   p.add_argument("--rounds", type=int, default=2, help="alternating rounds; each keeps its best")
+  p.add_argument("--jax_only", action="store_true",
+                 help="embed_jax alone on every device JAX finds (CPU, GPU or TPU): pairs/s and "
+                      "MFU per device; --batch_size is then per device")
+  p.add_argument("--dtype", default="float32", help="--jax_only: compute dtype (bfloat16 on TPU/GPU)")
+  p.add_argument("--fsdp", type=int, default=1, help="--jax_only: devices on the fsdp mesh axis")
   args = p.parse_args()
+  if args.jax_only:
+    return per_device(args)
   from embed_jax import hf
   model_dir = str(hf.resolve(args.model))
   texts = scifact_texts(2 * args.batch_size)
@@ -130,6 +140,42 @@ def main():
     ratio = best[("sentence-transformers", dropout)] / best[("embed_jax", dropout)]
     print(f"  ratio embed_jax / sentence-transformers, dropout {'on' if dropout else 'off'}: "
           f"{ratio:.2f}x pairs/s")
+
+
+def per_device(args) -> None:
+  """embed_jax's step on all local devices: pairs/s and MFU per device, against the matmul peak
+  of one device at the compute dtype measured in the same run."""
+  import jax.numpy as jnp
+
+  from embed_jax import hf
+  devices = jax.devices()
+  n = len(devices)
+  model_dir = str(hf.resolve(args.model))
+  texts = scifact_texts(2 * args.batch_size * n)
+  texts_q, texts_p = texts[:args.batch_size * n], texts[args.batch_size * n:]
+  cfg, _ = hf.load(model_dir)
+  flops = 3 * model_flops(np.full(2 * args.batch_size * n, args.seq_len), cfg.hidden_size,
+                          cfg.intermediate_size, cfg.num_layers)
+  a = jnp.ones((4096, 4096), args.dtype)
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  t = min(_timed(lambda: mm(a).block_until_ready()) for _ in range(5))
+  peak = 2 * 4096 ** 3 / t / 1e9
+  run = jax_stepper(model_dir, texts_q, texts_p, args.seq_len, False, devices, args.dtype, args.fsdp)
+  secs = min(run(args.steps) for _ in range(args.rounds))
+  kind = devices[0].device_kind
+  print(f"{n} x {kind} ({jax.default_backend()}), {args.dtype}, fsdp {args.fsdp}: batch "
+        f"{args.batch_size} pairs per device, seq_len {args.seq_len}, dropout off")
+  print(f"{secs:.3f} s/step, {args.batch_size * n / secs:.1f} pairs/s in all, "
+        f"{args.batch_size / secs:.1f} pairs/s per device; {flops / secs / n / 1e9:.1f} GFLOP/s "
+        f"per device = MFU {flops / secs / n / 1e9 / peak:.1%} of the measured {args.dtype} "
+        f"matmul peak ({peak:.0f} GFLOP/s)")
+
+
+def _timed(fn) -> float:
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
 
 
 if __name__ == "__main__":
