@@ -50,8 +50,7 @@ def test_fsdp_leaves_are_split_over_the_fsdp_axis():
 
 
 @needs_8
-@pytest.mark.parametrize("fsdp", [8, 4])  # fsdp 8; data 2 x fsdp 4
-@pytest.mark.parametrize("chunk", [0, 2])
+@pytest.mark.parametrize("fsdp,chunk", [(8, 0), (4, 2)])  # fsdp 8; data 2 x fsdp 4 + grad cache
 def test_dense_fsdp_equals_data_parallel(fsdp, chunk):
   from tests.test_train import _run
   dp = _run("jit", jax.devices()[:8], chunk=chunk)
