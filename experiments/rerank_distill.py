@@ -16,6 +16,8 @@ Stages, each resumable, each training in its own process (runs/rerank/<name>):
   scores_bi   the same for the MPNet bi-encoder (cosines)
   student_*   configs/scifact_hardneg.py + 3 negatives per pair from the 15-per-query file + the
               teacher's candidate KL (ce | bi), `_fn`: false negatives dropped by the teacher
+  splade_ce   configs/scifact_splade.py with the same negatives and the cross-encoder's KL
+              (SPLADE's distillation recipe, issue #17)
 Every training holds out 10% of the train queries (data.dev_fraction = 0.1, seed 0): the better
 teacher is picked on them, never on test. Times are part of the result: run on an idle machine.
 """
@@ -62,9 +64,15 @@ TRAININGS = {  # name -> (config spec, workdir, overrides)
     "student_ce_fn": ("scifact_hardneg", RUNS / "student_ce_fn", student("ce", True)),
     "student_bi": ("scifact_hardneg", RUNS / "student_bi", student("bi", False)),
     "student_bi_fn": ("scifact_hardneg", RUNS / "student_bi_fn", student("bi", True)),
+    # SPLADE (issue #17's recipe) plus the cross-encoder's candidate KL: SPLADE's distillation.
+    # Its student scores are sparse dot products (MNRL scale 1): temperatures 1.
+    "splade_ce": ("scifact_splade", RUNS / "splade_ce",
+                  [o for o in student("ce", False) if "temperature" not in o]
+                  + ["--config.distill.temperature=1.0", "--config.distill.teacher_temperature=1.0",
+                     "--config.evals.test.at_start=False"]),  # its start is in experiments/sparse.py
 }
-ORDER = ["dense", "ce_minilm", "ce_mpnet", "mpnet_bi", "scores_ce", "scores_bi", "student_ce",
-         "student_ce_fn", "student_bi", "student_bi_fn"]
+ORDER = ["dense", "ce_minilm", "scores_ce", "student_ce", "student_ce_fn", "splade_ce",
+         "ce_mpnet", "mpnet_bi", "scores_bi", "student_bi", "student_bi_fn"]
 FIRST_STAGES = {"zero-shot": "sentence-transformers/all-MiniLM-L6-v2", "bm25": "bm25",
                 "hardneg": "runs/sparse/dense_hardneg/export"}
 
@@ -192,7 +200,7 @@ def tabulate() -> dict:
       if (TRAININGS[ce][1] / "export").exists():
         r = reranked(name, ce)
         add(f"{name}+{ce}", r, f"{name} + {ce} (top {TOP})", train_minutes=minutes(TRAININGS[ce][1]))
-  for name in ("mpnet_bi", "student_ce", "student_ce_fn", "student_bi", "student_bi_fn"):
+  for name in ("mpnet_bi", "student_ce", "student_ce_fn", "student_bi", "student_bi_fn", "splade_ce"):
     workdir = TRAININGS[name][1]
     if (workdir / "export").exists():
       from embed_jax.rerank import first_stage as fs
