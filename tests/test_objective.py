@@ -71,7 +71,7 @@ def test_main_terms_follow_the_config_and_drop_zero_weights():
   assert [t.name for t in terms] == ["pairs", "pairs/layer1", "pairs/layer2", "distill_pair_scores"]
   assert [t.weight for t in terms] == [1.0, 0.3, 0.3, 0.5]
   assert all(t.dims == (32, 8) for t in terms)
-  assert len(main_terms(c)) == 8  # every term, the weight-0 ones included
+  assert len(main_terms(c)) == 10  # every term, the weight-0 ones included (2 from score stores)
 
 
 class DotProduct(Dense):
