@@ -26,6 +26,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Opt-in tests (EMBED_JAX_SLOW=1): the longer variants of properties another CI test covers, so
+# that CI stays under 20 minutes on 2 cores.
+SLOW = os.environ.get("EMBED_JAX_SLOW") == "1"
+slow_variant = pytest.mark.skipif(not SLOW, reason="a longer variant: set EMBED_JAX_SLOW=1")
+
 
 def data_root() -> Path | None:
   """`$EMBED_JAX_DATA`, else ../shared/data beside the repo (this workplace's copy)."""

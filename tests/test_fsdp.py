@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from embed_jax import train as T
+from tests.conftest import slow_variant
 from tests.test_train import _assert_same
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
@@ -58,7 +59,7 @@ def test_dense_fsdp_equals_data_parallel(fsdp, chunk):
 
 
 @needs_8
-@pytest.mark.parametrize("chunk", [0, 2])
+@pytest.mark.parametrize("chunk", [pytest.param(0, marks=slow_variant), 2])
 def test_matryoshka_fsdp_equals_data_parallel(chunk):
   from tests.test_matryoshka import _mrl_run
   dp, _ = _mrl_run("jit", jax.devices()[:8], chunk=chunk)
@@ -67,7 +68,7 @@ def test_matryoshka_fsdp_equals_data_parallel(chunk):
 
 
 @needs_8
-@pytest.mark.parametrize("chunk", [0, 2])
+@pytest.mark.parametrize("chunk", [0, pytest.param(2, marks=slow_variant)])
 def test_distillation_fsdp_equals_data_parallel(chunk):
   from tests.test_distill import _run_distill
   dp = _run_distill("jit", jax.devices()[:8], chunk=chunk)

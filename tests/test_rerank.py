@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import embed_jax
+from tests.conftest import slow_variant
 
 MAX_LEN = 48
 
@@ -193,7 +194,8 @@ needs_8 = pytest.mark.skipif(__import__("jax").device_count() < 8, reason="needs
 
 
 @needs_8
-@pytest.mark.parametrize("loss,arch", [("listwise", "bert"), ("bce", "mpnet")])
+@pytest.mark.parametrize("loss,arch", [("listwise", "bert"),
+                                       pytest.param("bce", "mpnet", marks=slow_variant)])
 def test_cross_encoder_training_agrees_across_runners_and_grad_cache(loss, arch):
   import jax
   from tests.test_train import _assert_same

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import embed_jax
+from tests.conftest import slow_variant
 from tests.test_train import _assert_same, runner_model_config, synthetic_batch
 
 needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
@@ -168,7 +169,7 @@ def _run_students(runner_name, devices, chunk=0, student="dense"):
 
 
 @needs_8
-@pytest.mark.parametrize("student", ["dense", "cross"])
+@pytest.mark.parametrize("student", ["dense", pytest.param("cross", marks=slow_variant)])
 def test_candidate_distillation_agrees_across_runners_and_grad_cache(student):
   one = _run_students("jit", jax.devices()[:1], student=student)
   _assert_same(one, _run_students("jit", jax.devices()[:8], student=student))

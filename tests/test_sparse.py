@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from embed_jax import losses
+from tests.conftest import slow_variant
 
 TEXTS = ["Vitamin D deficiency raises the risk of fractures.", "hello world", "x",
          "Proteins fold; genes express... and cells divide!", "The mouse gene (Ptf1a) is 50% smaller.",
@@ -278,7 +279,7 @@ needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated)
 
 
 @needs_8
-@pytest.mark.parametrize("head", ["splade", "lexical"])
+@pytest.mark.parametrize("head", ["splade", pytest.param("lexical", marks=slow_variant)])
 def test_sparse_training_agrees_across_runners_and_grad_cache(head):
   from tests.test_train import _assert_same
   one = _run("jit", jax.devices()[:1], head=head)

@@ -15,6 +15,7 @@ from embed_jax.checkpoint import checkpoint_manager, params_are_finite, restore_
 from embed_jax.models import SentenceEncoder
 from embed_jax.objective import build_objective
 from embed_jax.testing import init_params, tiny_config
+from tests.conftest import slow_variant
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from configs import scifact_mnrl  # noqa: E402
@@ -149,7 +150,7 @@ def test_grad_cache_reuses_dropout_keys():
   np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [0, 4])
+@pytest.mark.parametrize("chunk", [pytest.param(0, marks=slow_variant), 4])
 def test_frozen_parameters_never_move_and_the_rest_train_as_before(chunk):
   """optim.freeze: matching leaves keep their values bit for bit and hold no Adam state; with
   nothing frozen the update equals the plain optimiser's."""
