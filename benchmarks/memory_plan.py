@@ -111,6 +111,10 @@ def main():
         r = plan(name, args.devices, fsdp, chunk, args.batch, args.q_len, args.d_len)
         rows.append(r)
         print(json.dumps(r), flush=True)
+        write(rows, args)  # after every row: a long run that stops keeps what it measured
+
+
+def write(rows: list[dict], args) -> None:
   head = (f"Train step (MNRL + 1 hard negative, global batch {args.batch}, queries {args.q_len} "
           f"and documents {args.d_len} tokens, bfloat16 compute, float32 params and AdamW) on "
           f"{args.devices} devices: GiB per device from XLA's memory analysis\n\n")
@@ -127,7 +131,6 @@ def main():
   out.mkdir(parents=True, exist_ok=True)
   (out / "memory_plan.md").write_text(head + "\n".join(lines) + "\n")
   (out / "memory_plan.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=2) + "\n")
-  print(head + "\n".join(lines))
 
 
 if __name__ == "__main__":
