@@ -23,8 +23,9 @@ def decay_mask(params) -> Any:
 
 
 def param_path(path) -> str:
-  """A parameter's name as optim.freeze matches it: "encoder/layer_0/attention/query/kernel"."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  """A parameter's name as optim.freeze matches it: "encoder/layer_0/attention/query/kernel"
+  (a dataclass field, as TrainState's, by its name: "params/encoder/...")."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def frozen_mask(params, pattern: str) -> Any:

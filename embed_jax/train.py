@@ -35,7 +35,7 @@ from embed_jax.checkpoint import (atomic_write, checkpoint_manager, restore_chec
 from embed_jax.embedder import Embedder
 from embed_jax.models import SentenceEncoder, heads
 from embed_jax.objective import Objective, build_objective, check_model_fit, objective_problems
-from embed_jax.optim import check_freeze, frozen_mask, make_optimizer
+from embed_jax.optim import check_freeze, frozen_mask, make_optimizer, param_path
 
 log = logging.getLogger(__name__)
 
@@ -212,15 +212,15 @@ def make_train_step(module: SentenceEncoder, objective: Objective, config: ml_co
 
 # ----------------------------------------------------------------------------------------------
 # Runners: the same step under jit over a Mesh (default) or under pmap. The state is built (or
-# restored) straight into `state_sharding`, then `put_state` places it for the step.
+# restored) straight into `state_shardings(...)`, then `put_state` places it for the step.
 # ----------------------------------------------------------------------------------------------
 
 
 # FSDP: which axis of a parameter (or optimiser state) leaf is split over the `fsdp` mesh axis.
 # Each rule is (regex over the leaf's "/"-joined path, the axis to split, or None: replicate); the
 # first match wins; a leaf matched by none, or whose rule's axis the fsdp size does not divide, is
-# split on its largest axis that the fsdp size divides. Leaves below MIN_SHARD_SIZE elements (biases, norms, scalars) stay replicated: their
-# all-gathers would cost more than their memory.
+# split on its largest axis that the fsdp size divides. Leaves below MIN_SHARD_SIZE elements
+# (biases, norms, scalars) stay replicated: their all-gathers would cost more than their memory.
 FSDP_RULES: tuple[tuple[str, int | None], ...] = (
     (r"(^|/)(step|rng|count)$", None),
     (r".*/(word_embeddings|embed_tokens)/embedding$", 0),  # [V, H]: the vocabulary axis
@@ -247,10 +247,6 @@ def fsdp_spec(path: str, shape: tuple[int, ...], fsdp: int, rules=FSDP_RULES,
   return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
 
 
-def _path(keys) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
-
-
 class JitRunner:
   """One jitted step over a Mesh with `data` and `fsdp` axes. The batch is split over both
   (every device holds its own rows); with fsdp > 1 every parameter and optimiser-state leaf is
@@ -267,16 +263,15 @@ class JitRunner:
     self.replicated = NamedSharding(self.mesh, P())
     self.data = NamedSharding(self.mesh, P(("data", "fsdp")))
     self.step_fn = step_fn
-    self.state_sharding = None  # set from the state's shapes (state_shardings)
-    self._step = None
+    self._step = None  # jitted on the first state_shardings (it needs the state's shardings)
 
   def state_shardings(self, abstract_state):
     """The sharding of every leaf of a state (shapes or arrays), FSDP_RULES over its path."""
     shardings = jax.tree_util.tree_map_with_path(
-        lambda keys, x: NamedSharding(self.mesh, fsdp_spec(_path(keys), tuple(x.shape), self.fsdp)),
+        lambda keys, x: NamedSharding(self.mesh, fsdp_spec(param_path(keys), tuple(x.shape),
+                                                            self.fsdp)),
         abstract_state)
     if self._step is None:
-      self.state_sharding = shardings
       self._step = jax.jit(self.step_fn, in_shardings=(shardings, self.data),
                            out_shardings=(shardings, self.replicated), donate_argnums=0)
     return shardings

@@ -8,6 +8,7 @@ import jax
 import pytest
 
 from embed_jax import train as T
+from embed_jax.optim import param_path
 from tests.conftest import slow_variant
 from tests.test_train import _assert_same
 
@@ -46,7 +47,7 @@ def test_fsdp_leaves_are_split_over_the_fsdp_axis():
   assert kernel.addressable_shards[0].data.shape == (32, kernel.shape[1] // 4)
   # The optimiser state's moments are split as their parameters (the same paths and shapes).
   leaves = jax.tree_util.tree_leaves_with_path(placed.opt_state)
-  moments = [x for path, x in leaves if "intermediate" in T._path(path) and x.shape == kernel.shape]
+  moments = [x for path, x in leaves if "intermediate" in param_path(path) and x.shape == kernel.shape]
   assert len(moments) >= 2 and all(m.sharding.spec == kernel.sharding.spec for m in moments)
 
 

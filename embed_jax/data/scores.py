@@ -19,7 +19,6 @@ checksum) or by another teacher than the config names, before any compute (`Scor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,18 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from embed_jax.data.teacher import (TeacherStoreError, _write_json, fill_in_chunks,
+from embed_jax.data.mining import _file_sha256
+from embed_jax.data.teacher import (TeacherStoreError, _write_json, fill_in_chunks, start_store,
                                     text_checksum)
 
 log = logging.getLogger(__name__)
-
-
-def _file_sha256(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
 
 
 def candidate_lists(dataset, split: str, negatives: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -93,19 +85,11 @@ def build_score_store(model, dataset, split: str, negatives_path: str | os.PathL
               "dataset": {"name": dataset.name, "checksum": dataset.checksum}, "split": split,
               "negatives": {"file": negatives_path.name, "sha256": _file_sha256(negatives_path)},
               "queries": len(query_ids), "pairs": int(offsets[-1]), "complete": False}
-  keys = ("teacher", "dataset", "split", "negatives", "queries", "pairs")
-  if (out / "manifest.json").exists():
-    old = json.loads((out / "manifest.json").read_text())
-    if {k: old.get(k) for k in keys} != {k: manifest[k] for k in keys}:
-      raise TeacherStoreError(f"{out} holds scores of another teacher or data ({old['teacher']['name']}, "
-                              f"{old['dataset']['name']} {old['split']}); delete it or choose another --out")
-    if old.get("complete"):
-      log.info("%s is complete; nothing to do", out)
-      return out
-  else:
-    if out.exists() and any(out.iterdir()):
-      raise TeacherStoreError(f"{out} exists and is not a score store; choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
+  state = start_store(out, manifest, ("teacher", "dataset", "split", "negatives", "queries",
+                                       "pairs"), "scores of another teacher or data", "score store")
+  if state == "complete":
+    return out
+  if state == "new":
     rows = [json.dumps({"query_id": q, "sha1": text_checksum(dataset.queries[q]),
                         "offset": int(o), "doc_ids": lists[q],
                         "doc_sha1": [text_checksum(texts[d]) for d in lists[q]]}) + "\n"
@@ -116,6 +100,7 @@ def build_score_store(model, dataset, split: str, negatives_path: str | os.PathL
                               shape=(int(offsets[-1]),)).flush()
     _write_json(out / "progress.json", {"queries_done": 0})
     _write_json(out / "manifest.json", manifest)
+
   def fill(start: int, end: int):
     qs = query_ids[start:end]
     return slice(offsets[start], offsets[end]), _score_chunk(
@@ -129,7 +114,7 @@ def build_score_store(model, dataset, split: str, negatives_path: str | os.PathL
 
 
 class ScoreStore:
-  """A complete score store, opened read-only: `score(query id, doc id)`."""
+  """A complete score store, opened read-only: `query_scores(query id)` -> {doc id: score}."""
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)

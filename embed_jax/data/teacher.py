@@ -83,21 +83,11 @@ def build_store(model, dataset, kinds: Sequence[str], out: str | os.PathLike, *,
   manifest = {"teacher": teacher, "dataset": {"name": dataset.name, "checksum": dataset.checksum},
               "texts": list(kinds), "count": len(ids), "dtype": dtype, "complete": False}
   vectors_path = out / "vectors.npy"
-  if (out / "manifest.json").exists():
-    old = json.loads((out / "manifest.json").read_text())
-    same = {k: old.get(k) for k in ("teacher", "dataset", "texts", "count", "dtype")} == \
-        {k: manifest[k] for k in ("teacher", "dataset", "texts", "count", "dtype")}
-    if not same:
-      raise TeacherStoreError(f"{out} holds a store of another teacher, dataset or dtype "
-                              f"({old['teacher']['name']}, {old['dataset']['name']}); delete it "
-                              f"or choose another --out")
-    if old.get("complete"):
-      log.info("%s is complete; nothing to do", out)
-      return out
-  else:
-    if out.exists() and any(out.iterdir()):
-      raise TeacherStoreError(f"{out} exists and is not a teacher store; choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
+  state = start_store(out, manifest, ("teacher", "dataset", "texts", "count", "dtype"),
+                      "a store of another teacher, dataset or dtype", "teacher store")
+  if state == "complete":
+    return out
+  if state == "new":
     rows = [json.dumps({"id": i, "sha1": text_checksum(t)}) + "\n" for i, t in zip(ids, texts)]
     from embed_jax.checkpoint import atomic_write
     atomic_write(out / "texts.jsonl", lambda f: f.writelines(rows), "w")
@@ -109,6 +99,25 @@ def build_store(model, dataset, kinds: Sequence[str], out: str | os.PathLike, *,
       texts[a:b], batch_size=batch_size, normalize=True)), manifest, key="rows_done", chunk=chunk,
       desc="teacher", unit="text", stop_after_chunks=stop_after_chunks)
   return out
+
+
+def start_store(out: Path, manifest: dict, keys: Sequence[str], other: str, kind: str) -> str:
+  """Where a resumable store at `out` stands: "complete", "resume" (a partial store whose
+  manifest agrees with `manifest` on `keys`), or "new" (an empty or missing folder, created).
+  A store of something else (`other`) or a non-empty folder that is no store is refused."""
+  if (out / "manifest.json").exists():
+    old = json.loads((out / "manifest.json").read_text())
+    if {k: old.get(k) for k in keys} != {k: manifest[k] for k in keys}:
+      raise TeacherStoreError(f"{out} holds {other} ({old['teacher']['name']}, "
+                              f"{old['dataset']['name']}); delete it or choose another --out")
+    if old.get("complete"):
+      log.info("%s is complete; nothing to do", out)
+      return "complete"
+    return "resume"
+  if out.exists() and any(out.iterdir()):
+    raise TeacherStoreError(f"{out} exists and is not a {kind}; choose an empty folder")
+  out.mkdir(parents=True, exist_ok=True)
+  return "new"
 
 
 def fill_in_chunks(out: Path, array_path: Path, total: int, fill, manifest: dict, *, key: str,
