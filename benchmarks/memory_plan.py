@@ -68,7 +68,8 @@ def plan(name: str, devices: int, fsdp: int, chunk: int, batch: int, q_len: int,
   c = scifact_hardneg.get_config()
   c.dropout, c.train.grad_cache_chunk, c.batch_size = False, chunk, batch
   tx, schedule = train.make_optimizer(c.optim, 100)
-  step = train.make_train_step(SentenceEncoder(cfg), build_objective(c), c, tx, schedule)
+  step = train.make_train_step(SentenceEncoder(cfg), build_objective(c), c, tx, schedule,
+                               batch_shards=devices)
   runner = train.JitRunner(step, jax.devices()[:devices], fsdp=fsdp)
   params = abstract_params(cfg)
   shapes = jax.eval_shape(lambda p: train.init_state(p, tx, 0), params)

@@ -50,8 +50,10 @@ def jax_stepper(model_dir: str, texts_q, texts_p, seq_len: int, dropout: bool, d
            "inputs": {"pairs": {"q_ids_B": np.arange(b, dtype=np.int32),
                                 "p_ids_B": np.arange(b, dtype=np.int32), "valid_B": np.ones(b, bool)}}}
   tx, schedule = train.make_optimizer(c.optim, 1000)
-  step = train.make_train_step(SentenceEncoder(cfg), build_objective(c), c, tx, schedule)
-  runner = train.JitRunner(step, devices or jax.devices()[:1], fsdp=fsdp)
+  devices = devices or jax.devices()[:1]
+  step = train.make_train_step(SentenceEncoder(cfg), build_objective(c), c, tx, schedule,
+                               batch_shards=len(devices))
+  runner = train.JitRunner(step, devices, fsdp=fsdp)
   holder = [train.start_state(runner, params, tx, 0)[0]]
 
   def run(n: int) -> float:

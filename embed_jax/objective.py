@@ -287,10 +287,10 @@ class Objective:
     return self.heads[group] if group in self.heads else self.representation.for_group(group)
 
   def embed(self, module, params, groups: dict, rng, train: bool, mask_key=None,
-            chunk_id=0) -> dict:
+            rows: dict | None = None) -> dict:
     """{group or view: output} for the text groups of a batch (or of one gradient-caching
-    chunk: `chunk_id` numbers it among the global batch's chunks, so MLM masks are the same
-    however the batch is split). Dropout draws from fold_in(rng, salt(group))."""
+    chunk): `rows` {group: [B] each row's index in the global batch} (default 0..B-1) keeps MLM
+    masks the same however the batch is split. Dropout draws from fold_in(rng, salt(group))."""
     view_params = {v.param for v in self.views.values()}
     encoder_params = {k: v for k, v in params.items() if k not in view_params}
     out = {}
@@ -300,7 +300,7 @@ class Objective:
           module, encoder_params, group, train=train,
           dropout_rng=jax.random.fold_in(rng, salt(name)),
           mask_rng=jax.random.fold_in(rng if mask_key is None else mask_key, salt(name) + 1),
-          row_offset=chunk_id * group["ids"].shape[0])
+          rows=None if rows is None else rows[name])
     for name, view in self.views.items():
       if view.group in out and view.param in params:
         out[name] = view(params, out[view.group])

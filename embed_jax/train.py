@@ -129,11 +129,26 @@ def _gather(tree, axis_name):
   return jax.tree.map(lambda x: jax.lax.all_gather(x, axis_name, tiled=True), tree)
 
 
+def interleaved_chunks(x, shards: int, n_chunks: int):
+  """[S * n * c, ...] -> [n, S * c, ...]: chunk j holds rows j*c..(j+1)*c-1 of each of the S
+  device shards of the batch axis, so a loop over chunks keeps every device busy."""
+  x = x.reshape(shards, n_chunks, x.shape[0] // (shards * n_chunks), *x.shape[1:])
+  return jnp.swapaxes(x, 0, 1).reshape(n_chunks, -1, *x.shape[3:])
+
+
+def uninterleaved(x, shards: int):
+  """interleaved_chunks' inverse: [n, S * c, ...] -> [S * n * c, ...]."""
+  x = x.reshape(x.shape[0], shards, x.shape[1] // shards, *x.shape[2:])
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[3:])
+
+
 def make_train_step(module: SentenceEncoder, objective: Objective, config: ml_collections.ConfigDict,
-                    tx, schedule, axis_name: str | None = None) -> Callable:
+                    tx, schedule, axis_name: str | None = None, batch_shards: int = 1) -> Callable:
   """step(state, batch) -> (state, metrics): pure; jit it, pmap it (axis_name), or call it. A
   batch is {"groups", "inputs"} (embed_jax.objective) and may hold any subset of the objective's
-  groups: terms whose groups are absent do not count."""
+  groups: terms whose groups are absent do not count. batch_shards: the devices a jitted step's
+  batch is split over (JitRunner's mesh), so that every gradient-caching chunk takes
+  train.grad_cache_chunk rows from each device's shard and all devices work on every chunk."""
   train = bool(config.dropout)
   chunk = int(config.train.grad_cache_chunk)
   freeze = config.optim.get("freeze", "")
@@ -149,44 +164,55 @@ def make_train_step(module: SentenceEncoder, objective: Objective, config: ml_co
   def loss_from_local_outputs(outputs, inputs, step):
     return objective.loss(_gather(outputs, axis_name), _gather(inputs, axis_name), step)
 
+  def global_rows(groups, device):
+    """Each group's rows' indices in the global batch (what MLM masks draw from)."""
+    return {name: device * g["ids"].shape[0] + jnp.arange(g["ids"].shape[0])
+            for name, g in groups.items()}
+
   def plain_grads(params, batch, rng, mask_key, device, step):
+    rows = global_rows(batch["groups"], device)
+
     def loss_of_params(params):
       # The whole batch is chunk 0: the same dropout draw as gradient caching with one chunk.
       outputs = objective.embed(module, trainable(params), batch["groups"],
-                                jax.random.fold_in(rng, 0), train, mask_key, device)
+                                jax.random.fold_in(rng, 0), train, mask_key, rows)
       return loss_from_local_outputs(outputs, batch["inputs"], step)
     return jax.value_and_grad(loss_of_params, has_aux=True)(params)
 
   def cached_grads(params, batch, rng, mask_key, device, step):
     """Gradient caching: embed every chunk without gradients, take the loss gradient w.r.t. the
     outputs, then back-propagate chunk by chunk. Peak memory grows with the chunk only. Every
-    text group is cut into the same number of chunks (the pairs' batch / chunk)."""
-    groups = batch["groups"]  # chunks count the pairs' batch, else the first group's
+    text group is cut into the same number of chunks (each device's pairs / chunk); chunk j
+    holds the j-th slice of every device's shard (interleaved), so under jit all devices work on
+    every chunk rather than one device on each."""
+    groups, s = batch["groups"], batch_shards
     rows = groups["q" if "q" in groups else sorted(groups)[0]]["ids"].shape[0]
-    n_chunks = rows // chunk
-    chunked = lambda x: x.reshape(n_chunks, x.shape[0] // n_chunks, *x.shape[1:])  # noqa: E731
-    chunks = jax.tree.map(chunked, groups)
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n_chunks))
-    ids = device * n_chunks + jnp.arange(n_chunks)  # global chunk index: MLM masks' rows
+    n_chunks = rows // (s * chunk)
 
-    def embed_chunk(params, chunk_groups, key, chunk_id):  # one key in both passes: same dropout
-      return objective.embed(module, trainable(params), chunk_groups, key, train, mask_key,
-                             chunk_id)
+    chunked = lambda x: interleaved_chunks(x, s, n_chunks)  # noqa: E731
+    unchunked = lambda x: uninterleaved(x, s)  # noqa: E731
+    chunks = jax.tree.map(chunked, groups)
+    chunk_rows = jax.tree.map(chunked, global_rows(groups, device))
+    # Chunk j's dropout key: the j-th of this device's (pmap) or the global batch's (jit) chunks.
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n_chunks))
+
+    def embed_chunk(params, chunk_groups, key, rows):  # one key in both passes: same dropout
+      return objective.embed(module, trainable(params), chunk_groups, key, train, mask_key, rows)
 
     outputs = jax.lax.map(lambda a: embed_chunk(jax.lax.stop_gradient(params), *a),
-                          (chunks, keys, ids))
-    outputs = jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), outputs)
+                          (chunks, keys, chunk_rows))
+    outputs = jax.tree.map(unchunked, outputs)
     (loss, aux), out_grads = jax.value_and_grad(loss_from_local_outputs, has_aux=True)(
         outputs, batch["inputs"], step)
     out_grads = jax.tree.map(chunked, out_grads)
 
     def backward(acc, a):
-      chunk_groups, key, chunk_id, g = a
-      _, vjp = jax.vjp(lambda p: embed_chunk(p, chunk_groups, key, chunk_id), params)
+      chunk_groups, key, rows, g = a
+      _, vjp = jax.vjp(lambda p: embed_chunk(p, chunk_groups, key, rows), params)
       return jax.tree.map(jnp.add, acc, vjp(g)[0]), None
 
     grads, _ = jax.lax.scan(backward, jax.tree.map(jnp.zeros_like, params),
-                            (chunks, keys, ids, out_grads))
+                            (chunks, keys, chunk_rows, out_grads))
     return (loss, aux), grads
 
   def step(state: TrainState, batch) -> tuple[TrainState, dict]:
@@ -472,7 +498,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   check_freeze(params, config.optim.freeze)
   tx, schedule = make_optimizer(config.optim, total_steps)
   runner = make_runner(config.train.runner, make_train_step(
-      module, objective, config, tx, schedule, "batch" if config.train.runner == "pmap" else None),
+      module, objective, config, tx, schedule, *(("batch", 1) if config.train.runner == "pmap"
+                                                 else (None, len(devices)))),
       devices, config.train.fsdp)
   mngr = checkpoint_manager(workdir, config.checkpoint.keep)
   state, meta = start_state(runner, params, tx, config.seed, mngr, config.resume)

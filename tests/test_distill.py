@@ -285,7 +285,7 @@ def test_store_of_other_texts_is_refused_before_training(tiny_beir, tiny_dataset
 
 # ---- runners and gradient caching with every distillation term ----
 
-from tests.test_train import _assert_same, needs_8, runner_model_config, synthetic_batch  # noqa: E402
+from tests.test_train import _assert_same, batch_shards, needs_8, runner_model_config, synthetic_batch  # noqa: E402
 
 
 def _run_distill(runner_name, devices, chunk=0, fsdp=1):
@@ -304,8 +304,9 @@ def _run_distill(runner_name, devices, chunk=0, fsdp=1):
   tx, schedule = T.make_optimizer(c.optim, total_steps=10)
   axis = "batch" if runner_name == "pmap" else None
   objective = build_objective(c, distill_projection=True)
-  runner = T.make_runner(runner_name, T.make_train_step(SentenceEncoder(cfg), objective, c, tx,
-                                                        schedule, axis), devices, fsdp)
+  step = T.make_train_step(SentenceEncoder(cfg), objective, c, tx, schedule, axis,
+                           batch_shards(runner_name, devices))
+  runner = T.make_runner(runner_name, step, devices, fsdp)
   state = runner.put_state(T.init_state(params, tx, seed=0))
   losses_ = []
   for s in range(2):

@@ -109,7 +109,7 @@ def test_prefix_self_distillation_is_zero_when_prefixes_carry_everything_and_mas
 from embed_jax import train as T  # noqa: E402
 from embed_jax.testing import init_params, tiny_config  # noqa: E402
 from embed_jax.models import heads  # noqa: E402
-from tests.test_train import _assert_same, make_step, needs_8, smoke_config, synthetic_batch  # noqa: E402
+from tests.test_train import _assert_same, batch_shards, make_step, needs_8, smoke_config, synthetic_batch  # noqa: E402
 
 
 def _mrl_config(chunk=0, runner="jit"):
@@ -143,7 +143,9 @@ def _mrl_run(runner_name, devices, chunk=0, steps=2, fsdp=1):
   cfg = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
   tx, schedule = T.make_optimizer(c.optim, total_steps=10)
   axis = "batch" if runner_name == "pmap" else None
-  runner = T.make_runner(runner_name, make_step(cfg, c, tx, schedule, axis), devices, fsdp)
+  runner = T.make_runner(runner_name, make_step(cfg, c, tx, schedule, axis,
+                                                shards=batch_shards(runner_name, devices)),
+                         devices, fsdp)
   state = runner.put_state(T.init_state(init_params(cfg), tx, seed=0))
   losses_, metrics = [], None
   for s in range(steps):

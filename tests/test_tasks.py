@@ -12,8 +12,8 @@ from embed_jax import train as T
 from embed_jax.models.mlm import MaskingSpec, budget, mask_tokens
 from embed_jax.tasks import SampledLoader, task
 from tests.conftest import slow_variant
-from tests.test_train import (_assert_same, make_step, needs_8, runner_model_config, set_fields,
-                              smoke_config)
+from tests.test_train import (_assert_same, batch_shards, make_step, needs_8, runner_model_config,
+                              set_fields, smoke_config)
 
 SPEC = MaskingSpec(mask_token_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=130)
 
@@ -220,7 +220,8 @@ def _run_tasks(runner_name, devices, tmp_path, tiny_beir, chunk=0):
   params = heads.add_mlm_head(init_params(cfg), module, 0)
   tx, schedule = T.make_optimizer(scifact_mnrl.get_config().optim, total_steps=10)
   axis = "batch" if runner_name == "pmap" else None
-  runner = T.make_runner(runner_name, make_step(cfg, c, tx, schedule, axis, tasks), devices)
+  runner = T.make_runner(runner_name, make_step(cfg, c, tx, schedule, axis, tasks,
+                                                batch_shards(runner_name, devices)), devices)
   state = runner.put_state(T.init_state(params, tx, seed=0))
   from tests.test_train import synthetic_batch
   losses_ = []
@@ -240,6 +241,8 @@ def test_tasks_agree_across_runners_and_grad_cache(tiny_beir, tmp_path):
   one = _run_tasks("jit", jax.devices()[:1], tmp_path / "1", tiny_beir)
   _assert_same(one, _run_tasks("pmap", jax.devices()[:8], tmp_path / "3", tiny_beir))
   _assert_same(one, _run_tasks("jit", jax.devices()[:1], tmp_path / "4", tiny_beir, chunk=2))
+  # MLM masks follow each row's global index through the interleaved chunks of 8 devices.
+  _assert_same(one, _run_tasks("jit", jax.devices()[:8], tmp_path / "5", tiny_beir, chunk=1))
 
 
 @pytest.mark.parametrize("change, message", [

@@ -61,9 +61,16 @@ def synthetic_batch(b=16, n=1, lq=8, ld=16, seed=0, vocab=100):
   return {"groups": groups, "inputs": {"pairs": pairs}}
 
 
-def make_step(cfg, c, tx, schedule, axis=None, tasks=()):
-  """The train step of config `c` on the tiny model `cfg` (with `tasks`' terms)."""
-  return T.make_train_step(SentenceEncoder(cfg), build_objective(c, tasks), c, tx, schedule, axis)
+def make_step(cfg, c, tx, schedule, axis=None, tasks=(), shards=1):
+  """The train step of config `c` on the tiny model `cfg` (with `tasks`' terms); `shards`: the
+  devices a jitted step's batch is split over."""
+  return T.make_train_step(SentenceEncoder(cfg), build_objective(c, tasks), c, tx, schedule, axis,
+                           shards)
+
+
+def batch_shards(runner_name, devices):
+  """make_train_step's batch_shards for a runner on `devices` (what train.run passes)."""
+  return 1 if runner_name == "pmap" else len(devices)
 
 
 def runner_model_config():
@@ -89,7 +96,9 @@ def _setup(grad_cache_chunk=0, runner="jit", symmetric=True):
 def _run(runner_name, devices, chunk=0, steps=2, fsdp=1):
   cfg, c, tx, schedule, state = _setup(chunk, runner_name)
   axis = "batch" if runner_name == "pmap" else None
-  runner = T.make_runner(runner_name, make_step(cfg, c, tx, schedule, axis), devices, fsdp)
+  runner = T.make_runner(runner_name, make_step(cfg, c, tx, schedule, axis,
+                                                shards=batch_shards(runner_name, devices)),
+                         devices, fsdp)
   state = runner.put_state(state)
   losses = []
   for s in range(steps):
@@ -106,7 +115,8 @@ def run_objective(config, model_config, params, rep, batches, runner_name, devic
   from embed_jax.objective import build_objective
   tx, schedule = T.make_optimizer(config.optim, 10)
   step = T.make_train_step(SentenceEncoder(model_config), build_objective(config, representation=rep),
-                           config, tx, schedule, "batch" if runner_name == "pmap" else None)
+                           config, tx, schedule, "batch" if runner_name == "pmap" else None,
+                           batch_shards(runner_name, devices))
   runner = T.make_runner(runner_name, step, devices)
   state = runner.put_state(T.init_state(params, tx, 0))
   out = []
@@ -133,6 +143,18 @@ def test_grad_cache_equals_the_plain_gradient():
   one = _run("jit", jax.devices()[:1])
   _assert_same(one, _run("jit", jax.devices()[:1], chunk=4))
   _assert_same(one, _run("pmap", jax.devices()[:8], chunk=1))
+  # jit on 8 devices: every chunk takes one pair from each device's shard (interleaved).
+  _assert_same(one, _run("jit", jax.devices()[:8], chunk=1))
+
+
+def test_grad_cache_chunks_take_a_slice_of_every_shard():
+  """Chunk j of a batch split over S devices holds rows j*c..(j+1)*c-1 of each device's shard,
+  and unchunking restores the order."""
+  x = np.arange(24)
+  chunks = T.interleaved_chunks(x, shards=4, n_chunks=3)
+  np.testing.assert_array_equal(chunks[1], [2, 3, 8, 9, 14, 15, 20, 21])
+  np.testing.assert_array_equal(T.uninterleaved(chunks, shards=4), x)
+  np.testing.assert_array_equal(T.interleaved_chunks(x, 1, 3)[1], np.arange(8, 16))
 
 
 def test_grad_cache_reuses_dropout_keys():

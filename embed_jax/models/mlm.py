@@ -54,17 +54,18 @@ def budget(length: int, rate: float) -> int:
   return max(1, int(round(rate * length)) + 1)
 
 
-def mask_tokens(rng, ids_BxL, mask_BxL, spec: MaskingSpec, words_BxL=None, row_offset=0):
+def mask_tokens(rng, ids_BxL, mask_BxL, spec: MaskingSpec, words_BxL=None, rows_B=None):
   """-> (masked ids [B, L], positions [B, K], labels [B, K], chosen [B, K] bool).
 
-  Row r draws from fold_in(rng, row_offset + r): pass the row's index in the global batch and the
-  masks are the same whether the batch runs whole, sharded over devices or in gradient-caching
+  Row r draws from fold_in(rng, rows_B[r]) (default r): pass each row's index in the global batch
+  and the masks are the same whether the batch runs whole, sharded over devices or in gradient-caching
   chunks. words_BxL: for whole-word masking, each token's word index within its row (pieces of one
   word share it); None masks tokens independently.
   """
   b, l = ids_BxL.shape
   k = budget(l, spec.rate)
-  keys_B = jax.vmap(lambda r: jax.random.fold_in(rng, r))(row_offset + jnp.arange(b))
+  rows_B = jnp.arange(b) if rows_B is None else rows_B
+  keys_B = jax.vmap(lambda r: jax.random.fold_in(rng, r))(rows_B)
   draws = jax.vmap(lambda key: tuple(jax.random.split(key, 3)))(keys_B)
   k_score, k_kind, k_random = draws
   special_BxL = jnp.isin(ids_BxL, jnp.asarray(spec.special_ids, ids_BxL.dtype))
@@ -91,11 +92,11 @@ def mask_tokens(rng, ids_BxL, mask_BxL, spec: MaskingSpec, words_BxL=None, row_o
 
 
 def mlm_rows(module, params, ids_BxL, mask_BxL, rng, spec: MaskingSpec, *, deterministic: bool,
-             dropout_rng=None, words_BxL=None, row_offset=0):
+             dropout_rng=None, words_BxL=None, rows_B=None):
   """Per row: [cross-entropy summed over the masked positions, masked count, correct count]."""
   from embed_jax.models import SentenceEncoder
   masked_BxL, positions_BxK, labels_BxK, chosen_BxK = mask_tokens(rng, ids_BxL, mask_BxL, spec,
-                                                                  words_BxL, row_offset)
+                                                                  words_BxL, rows_B)
   kw = {} if deterministic else {"rngs": {"dropout": dropout_rng}}
   logits_BxKxV = module.apply({"params": params}, masked_BxL, mask_BxL, positions_BxK,
                               deterministic=deterministic, method=SentenceEncoder.mlm_logits, **kw)
@@ -116,12 +117,12 @@ class MaskedLM:
     self.spec = spec
 
   def embed(self, module, params, group: dict, *, train: bool, dropout_rng, mask_rng,
-            row_offset=0):
+            rows=None):
     """[B, 3] rows of a group {"ids", "mask"[, "words"]}; row r's masks come from
-    fold_in(mask_rng, row_offset + r), its global index, so any split of the batch masks alike."""
+    fold_in(mask_rng, rows[r]), its global index, so any split of the batch masks alike."""
     return mlm_rows(module, params, group["ids"], group["mask"], mask_rng, self.spec,
                     deterministic=not train, dropout_rng=dropout_rng,
-                    words_BxL=group.get("words"), row_offset=row_offset)
+                    words_BxL=group.get("words"), rows_B=rows)
 
   def at_layer(self, rows_Bx3, index: int):
     return rows_Bx3  # no layer axis
