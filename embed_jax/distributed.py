@@ -6,7 +6,8 @@
 `--coordinator auto`). Every process runs the same training loop over the global mesh (all
 processes' devices): it builds every global batch from the same (seed, epoch) order and hands
 the step only the rows its own devices hold (`global_batch`); the loss still sees the whole
-batch. Process 0 writes the logs, metrics, evaluations and the export; all processes write
+batch. Evaluations split the corpus encoding across processes (`split_map`); process 0 writes
+the logs, metrics, evaluation files and the export; all processes write
 their shards of each Orbax checkpoint and restore them. Workdirs are on a filesystem every
 process sees (on localhost, the same folder).
 """
@@ -112,3 +113,39 @@ def to_host(tree):
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return jax.tree.map(host, tree)
+
+
+def agreed(flag: bool) -> bool:
+  """Process 0's `flag`, in every process: a decision that leads into collectives (whether to
+  evaluate, whether a run is finished) must be the same everywhere, or the others would hang."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(bool(flag))))
+
+
+def split_map(fn, items):
+  """fn(items) with the work split across processes: process i runs fn on items[i::P] (strided,
+  so each gets a like mix of long and short texts), and every process gets the whole result, in
+  input order, and the number of items each process handled. fn returns a numpy array, a scipy
+  sparse matrix or a list, one row per item (the encoders' outputs)."""
+  n, count = len(items), jax.process_count()
+  if count == 1:
+    return fn(items), [n]
+  from jax.experimental import multihost_utils
+  import pickle
+  mine = fn(items[jax.process_index()::count])
+  blob = np.frombuffer(pickle.dumps(mine, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray(blob.size, np.int64))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:blob.size] = blob
+  every = np.asarray(multihost_utils.process_allgather(padded)).reshape(count, -1)
+  parts = [pickle.loads(every[i, :sizes[i]].tobytes()) for i in range(count)]
+  order = np.argsort(np.concatenate([np.arange(i, n, count) for i in range(count)]), kind="stable")
+  if isinstance(parts[0], list):
+    stacked = [x for p in parts for x in p]
+    return [stacked[j] for j in order], [len(p) for p in parts]
+  if isinstance(parts[0], np.ndarray):
+    return np.concatenate(parts)[order], [len(p) for p in parts]
+  import scipy.sparse as sp
+  return sp.vstack(parts, format="csr")[order], [p.shape[0] for p in parts]

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from embed_jax import distributed
 from embed_jax.models.pooling import l2_normalize as unit
 
 log = logging.getLogger(__name__)
@@ -385,8 +386,11 @@ def evaluate_retrieval(model, dataset, split: str = "test", *, dims: Sequence[in
   queries = dataset.queries
   doc_ids = dataset.corpus_ids
   t = time.perf_counter()
-  docs_NxD = representation.encode(model, dataset.corpus_texts(" "), batch_size=batch_size,
-                                   show_progress=show_progress, role="document")
+  # In a multi-process run every process encodes its share of the corpus and gets them all.
+  docs_NxD, per_process = distributed.split_map(
+      lambda texts: representation.encode(model, texts, batch_size=batch_size,
+                                          show_progress=show_progress, role="document"),
+      dataset.corpus_texts(" "))
   queries_QxD = representation.encode(model, [queries[q] for q in query_ids],
                                       batch_size=batch_size, show_progress=show_progress,
                                       role="query")
@@ -402,7 +406,7 @@ def evaluate_retrieval(model, dataset, split: str = "test", *, dims: Sequence[in
       "max_seq_length": model.config.max_seq_length if hasattr(model, "config") else None,
       "text": 'title + " " + text',
       "similarity": representation.similarity, "k_values": list(k_values), "rescore": rescore,
-      "encode_seconds": round(encode_s, 2),
+      "encode_seconds": round(encode_s, 2), "documents_encoded_per_process": per_process,
   }
   return {"settings": settings, "results": results}
 
@@ -658,14 +662,17 @@ class Evaluators:
     log.info("evaluating the %s model: %s", "starting" if when == "before" else "final",
              self.items[name].describe())
     result = self.items[name](params)
-    atomic_write(self._path(name, when), lambda f: f.write(json.dumps(result, indent=2) + "\n"), "w")
+    if distributed.is_main():
+      atomic_write(self._path(name, when), lambda f: f.write(json.dumps(result, indent=2) + "\n"),
+                   "w")
     log.info("%s (%s): %s %.4f", name, when, self.items[name].metric,
              self.items[name].headline(result))
 
   def at_start(self, params) -> None:
     """The evaluators with at_start, on the starting model (once: a resumed run keeps its file)."""
     for name, e in self.items.items():
-      if e.spec.at_start and e.active() and not self._path(name, "before").exists():
+      if e.spec.at_start and e.active() and distributed.agreed(
+          not self._path(name, "before").exists()):
         self._write(name, "before", params)
 
   def key(self, name: str) -> str | None:

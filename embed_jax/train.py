@@ -460,7 +460,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   devices = devices or jax.devices()
   check_config(config, len(devices))
   distributed.check_same(config.to_json_best_effort(sort_keys=True))
-  main = distributed.is_main()  # logs, metrics, evaluations and the export: process 0's
+  main = distributed.is_main()  # logs, metrics, evaluation files and the export: process 0's
   dataset, store = inputs.check(config)
   workdir = Path(workdir)
   forked = False
@@ -511,8 +511,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
   # ---- loop ----
   start = int(runner.get_state(state).step)
-  if start == 0 and main:
-    evals.at_start(params)
+  if start == 0:
+    evals.at_start(params)  # every process takes part: each encodes a share of the corpus
   end = total_steps if stop_after is None else min(total_steps, start + stop_after)
   log.info("training steps %d to %d of %d (%d per epoch), checkpoints in %s", start + 1, end,
            total_steps, data.loader.steps_per_epoch, workdir / "checkpoints")
@@ -532,8 +532,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       if save or evals.due(done, total_steps):
         metrics.flush()  # never evaluate or checkpoint params from a non-finite loss
         host = runner.get_state(state)
-        scores = evals.every(done, total_steps, distributed.to_host(host.params)) if main else {}
-        if scores:
+        scores = evals.every(done, total_steps, distributed.to_host(host.params))
+        if scores and main:
           metrics.write({"step": done, **scores})
         dev = scores.get(evals.key("dev"))
         if dev is not None and (meta["best_dev"] is None or dev > meta["best_dev"]):
@@ -556,23 +556,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   if end < total_steps:
     return summary  # interrupted on purpose; re-running the command resumes
   exported = workdir / "export"
-  if start == end and exported.exists() and evals.written() and not forked:
+  if distributed.agreed(start == end and exported.exists() and evals.written() and not forked):
     log.info("%s is finished (step %d): nothing to do", workdir, end)  # report what it wrote
   else:
     params = distributed.to_host(runner.get_state(state).params)  # every process takes part
-    if not main:
-      distributed.barrier("export")  # process 0 exports and evaluates
-      return {**summary, "export": str(exported)}
     if config.export == "best" and meta["best_step"] is not None:
+      distributed.barrier("best")  # process 0 wrote it during training
       params = hf.load(workdir / "best")[1]
       log.info("exporting the best dev model (step %d, dev %.4f)", meta["best_step"],
                meta["best_dev"])
-    log.info("exporting to %s", exported)
-    objective.representation.export(params, export_config, tokenizer, exported,
-                                    base_model=base_model)
-    if config.export_mlm:
-      export_mlm(params, export_config, tokenizer, workdir / "export_mlm")
-    evals.at_end(params)
+    if main:
+      log.info("exporting to %s", exported)
+      objective.representation.export(params, export_config, tokenizer, exported,
+                                      base_model=base_model)
+      if config.export_mlm:
+        export_mlm(params, export_config, tokenizer, workdir / "export_mlm")
+    evals.at_end(params)  # every process encodes a share of the corpus; process 0 writes
     distributed.barrier("export")
   summary["export"] = str(exported)
   if config.export_mlm:
