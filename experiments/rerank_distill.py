@@ -16,8 +16,10 @@ Stages, each resumable, each training in its own process (runs/rerank/<name>):
   scores_bi   the same for the MPNet bi-encoder (cosines)
   student_*   configs/scifact_hardneg.py + 3 negatives per pair from the 15-per-query file + the
               teacher's candidate KL (ce | bi), `_fn`: false negatives dropped by the teacher
+  mlm         configs/scifact_mlm.py (runs/domain/mlm, shared with experiments/sparse.py): the
+              MLM-adapted MiniLM that SPLADE starts from
   splade_ce   configs/scifact_splade.py with the same negatives and the cross-encoder's KL
-              (SPLADE's distillation recipe, issue #17)
+              (SPLADE's distillation recipe, issue #17); splade_bi: the bi-encoder's KL
 Every training holds out 10% of the train queries (data.dev_fraction = 0.1, seed 0): the better
 teacher is picked on them, never on test. Times are part of the result: run on an idle machine.
 """
@@ -70,9 +72,17 @@ TRAININGS = {  # name -> (config spec, workdir, overrides)
                   [o for o in student("ce", False) if "temperature" not in o]
                   + ["--config.distill.temperature=1.0", "--config.distill.teacher_temperature=1.0",
                      "--config.evals.test.at_start=False"]),  # its start is in experiments/sparse.py
+    "mlm": ("scifact_mlm", Path("runs/domain/mlm"), []),  # SPLADE's start (experiments/sparse.py)
+    # The same from the MPNet bi-encoder's cosines (scaled as its training scaled them).
+    "splade_bi": ("scifact_splade", RUNS / "splade_bi",
+                  [o for o in student("bi", False) if "temperature" not in o]
+                  + ["--config.distill.temperature=1.0", "--config.distill.teacher_temperature=0.05",
+                     "--config.evals.test.at_start=False"]),
 }
-ORDER = ["dense", "ce_minilm", "scores_ce", "student_ce", "student_ce_fn", "splade_ce",
-         "ce_mpnet", "mpnet_bi", "scores_bi", "student_bi", "student_bi_fn"]
+# The bi-encoder teacher first: it is the cheaper teacher (one MPNet training) and unblocks the
+# students and SPLADE's distillation; the cross-encoders follow.
+ORDER = ["dense", "mpnet_bi", "scores_bi", "student_bi", "student_bi_fn", "mlm", "splade_bi",
+         "ce_minilm", "ce_mpnet", "scores_ce", "student_ce", "student_ce_fn", "splade_ce"]
 FIRST_STAGES = {"zero-shot": "sentence-transformers/all-MiniLM-L6-v2", "bm25": "bm25",
                 "hardneg": "runs/sparse/dense_hardneg/export"}
 
@@ -126,6 +136,19 @@ def better_cross_encoder() -> str:
   return max(dev, key=dev.get)
 
 
+def ensure_candidates() -> None:
+  """The candidate lists every teacher scores (15 per query, as configs/scifact_reranker.py
+  mines them with all-MiniLM-L6-v2), mined once whichever stage runs first."""
+  if Path(NEGATIVES).exists():
+    return
+  import embed_jax
+  from configs import scifact_reranker
+  from embed_jax.data import load_beir
+  from embed_jax.data.inputs import mine_if_missing
+  c = scifact_reranker.get_config()
+  mine_if_missing(c, load_beir("scifact"), embed_jax.load(c.model))
+
+
 def score_store(kind: str) -> None:
   out = Path(f"runs/teachers/scifact_{kind}_scores")
   model = (TRAININGS[better_cross_encoder()][1] if kind == "ce" else TRAININGS["mpnet_bi"][1]) / "export"
@@ -143,7 +166,7 @@ def stage(name: str) -> None:
   if name.startswith("scores_"):
     return score_store(name.split("_")[1])
   spec, workdir, overrides = TRAININGS[name]
-  if not (workdir / "export").exists():
+  if not (workdir / ("export_mlm" if name == "mlm" else "export")).exists():
     run_config(spec, workdir, overrides)
 
 
@@ -200,7 +223,8 @@ def tabulate() -> dict:
       if (TRAININGS[ce][1] / "export").exists():
         r = reranked(name, ce)
         add(f"{name}+{ce}", r, f"{name} + {ce} (top {TOP})", train_minutes=minutes(TRAININGS[ce][1]))
-  for name in ("mpnet_bi", "student_ce", "student_ce_fn", "student_bi", "student_bi_fn", "splade_ce"):
+  for name in ("mpnet_bi", "student_ce", "student_ce_fn", "student_bi", "student_bi_fn", "splade_ce",
+               "splade_bi"):
     workdir = TRAININGS[name][1]
     if (workdir / "export").exists():
       from embed_jax.rerank import first_stage as fs
@@ -230,6 +254,7 @@ def main():
   if not args.tabulate:
     from experiments.multivector import ensure_negatives
     ensure_negatives()
+    ensure_candidates()
     for name in [s for s in ORDER if not args.only or s in args.only.split(",")]:
       subprocess.run([sys.executable, __file__, "--stage", name], check=True, cwd=REPO)
   tabulate()
