@@ -130,8 +130,9 @@ def split_map(fn, items):
   input order, and the number of items each process handled. fn returns a numpy array, a scipy
   sparse matrix or a list, one row per item (the encoders' outputs)."""
   n, count = len(items), jax.process_count()
+  shares = [len(range(i, n, count)) for i in range(count)]
   if count == 1:
-    return fn(items), [n]
+    return fn(items), shares
   from jax.experimental import multihost_utils
   import pickle
   mine = fn(items[jax.process_index()::count])
@@ -144,8 +145,8 @@ def split_map(fn, items):
   order = np.argsort(np.concatenate([np.arange(i, n, count) for i in range(count)]), kind="stable")
   if isinstance(parts[0], list):
     stacked = [x for p in parts for x in p]
-    return [stacked[j] for j in order], [len(p) for p in parts]
+    return [stacked[j] for j in order], shares
   if isinstance(parts[0], np.ndarray):
-    return np.concatenate(parts)[order], [len(p) for p in parts]
+    return np.concatenate(parts)[order], shares
   import scipy.sparse as sp
-  return sp.vstack(parts, format="csr")[order], [p.shape[0] for p in parts]
+  return sp.vstack(parts, format="csr")[order], shares

@@ -35,16 +35,18 @@ ABLATIONS = {"colbert_random": "scifact_colbert:random"}
 SWEEP = ((2, 256), (4, 256), (8, 256), (8, 512), (8, 1024), (8, 2048))
 
 
-def ensure_negatives() -> None:
-  """The hardneg recipe's negatives file, mined by all-MiniLM-L6-v2 as that config mines it."""
-  if NEGATIVES.exists():
+def ensure_negatives(config=None) -> None:
+  """A config's negatives file (default: the hardneg recipe's), mined by its starting model as
+  the config mines it, unless it exists."""
+  if config is None:
+    from configs import scifact_hardneg
+    config = scifact_hardneg.get_config()
+  if Path(config.data.negatives).exists():
     return
   import embed_jax
-  from configs import scifact_hardneg
   from embed_jax.data import load_beir
   from embed_jax.data.inputs import mine_if_missing
-  c = scifact_hardneg.get_config()
-  mine_if_missing(c, load_beir("scifact"), embed_jax.load(c.model))
+  mine_if_missing(config, load_beir("scifact"), embed_jax.load(config.model))
 
 
 def search_rows(workdir: Path) -> dict:

@@ -136,19 +136,6 @@ def better_cross_encoder() -> str:
   return max(dev, key=dev.get)
 
 
-def ensure_candidates() -> None:
-  """The candidate lists every teacher scores (15 per query, as configs/scifact_reranker.py
-  mines them with all-MiniLM-L6-v2), mined once whichever stage runs first."""
-  if Path(NEGATIVES).exists():
-    return
-  import embed_jax
-  from configs import scifact_reranker
-  from embed_jax.data import load_beir
-  from embed_jax.data.inputs import mine_if_missing
-  c = scifact_reranker.get_config()
-  mine_if_missing(c, load_beir("scifact"), embed_jax.load(c.model))
-
-
 def score_store(kind: str) -> None:
   out = Path(f"runs/teachers/scifact_{kind}_scores")
   model = (TRAININGS[better_cross_encoder()][1] if kind == "ce" else TRAININGS["mpnet_bi"][1]) / "export"
@@ -253,8 +240,10 @@ def main():
     return stage(args.stage)
   if not args.tabulate:
     from experiments.multivector import ensure_negatives
+    from configs import scifact_reranker
     ensure_negatives()
-    ensure_candidates()
+    # The candidate lists every teacher scores (15 a query), mined once whichever stage runs first.
+    ensure_negatives(scifact_reranker.get_config())
     for name in [s for s in ORDER if not args.only or s in args.only.split(",")]:
       subprocess.run([sys.executable, __file__, "--stage", name], check=True, cwd=REPO)
   tabulate()
