@@ -390,17 +390,18 @@ def export_mlm(params, model_config: ModelConfig, tokenizer, out_dir: str | os.P
   return _atomic_folder(Path(out_dir), write)
 
 
-def _atomic_folder(out_dir: Path, fill) -> Path:
+def _atomic_folder(out_dir: Path, fill, marker: str = "config.json", what: str = "model") -> Path:
   """fill(tmp) writes a model folder into a temporary folder beside `out_dir`, which then
   replaces `out_dir` by rename: an existing folder is either the old one or the new one, never a
-  mix. A non-empty `out_dir` that is not a model folder is refused rather than replaced."""
+  mix. A non-empty `out_dir` that is not a model folder (no `marker` file) is refused rather than
+  replaced; `what` names the kind of folder in the errors (an index uses index.json)."""
   out_dir = Path(out_dir).absolute()
   if out_dir.exists():
     if not out_dir.is_dir():
-      raise FileExistsError(f"{out_dir} is a file; export needs a folder path")
-    if any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
-      raise FileExistsError(f"{out_dir} exists and is not a model folder; refusing to replace it. "
-                            f"Choose a new or empty folder.")
+      raise FileExistsError(f"{out_dir} is a file; {what} output needs a folder path")
+    if any(out_dir.iterdir()) and not (out_dir / marker).exists():
+      raise FileExistsError(f"{out_dir} exists and is not {'an' if what[0] in 'aeiou' else 'a'} "
+                            f"{what} folder; refusing to replace it. Choose a new or empty folder.")
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
   old = None

@@ -197,7 +197,8 @@ def eval_one(args, name: str, dataset, extra_qrels=None) -> dict:
                                     rescore=args.rescore, batch_size=args.batch_size,
                                     show_progress=True, representation=rep, qrels=qrels,
                                     pool_factors=args.pool or (), plaid=args.plaid,
-                                    keep_runs=bool(extra_qrels) or bool(args.rerank))
+                                    keep_runs=bool(extra_qrels) or bool(args.rerank),
+                                    device_search=args.device_search)
   if extra_qrels:  # metrics of the --split queries only
     test = dataset.qrels(args.split)
     out["settings"]["num_queries"] = len([q for q in dataset.queries if q in test])
@@ -387,6 +388,97 @@ def cmd_teacher(args) -> None:
         f"({store.manifest['teacher']['name']}, {store.manifest['dtype']})")
 
 
+def _chain(text: str) -> list[tuple[int, int]]:
+  try:
+    return [(int(d), int(k)) for d, k in (x.split(":") for x in text.split(",") if x.strip())]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated dims:keep pairs, e.g. 128:200, "
+                                     f"got {text!r}") from None
+
+
+def cmd_index(args) -> None:
+  """`index build`: encode a corpus once (resumable) or read stored vectors, then write an index
+  folder; `index search`: a BEIR split's queries (metrics) or --query texts (top k ids)."""
+  import numpy as np
+
+  import embed_jax
+  from embed_jax import index as vindex
+  from embed_jax.data import load_beir
+  from embed_jax.evaluate import model_fingerprint
+  if args.action == "build" and not args.out:
+    raise CliError("index build needs --out FOLDER (where the index is written)")
+  if args.action == "search" and not args.index:
+    raise CliError("index search needs --index FOLDER (from `embed-jax index build`)")
+  if args.action == "search" and not Path(args.index).is_dir():
+    raise CliError(f"--index {args.index} is not a folder")
+  if args.action == "build":
+    from embed_jax.checkpoint import check_writable
+    check_writable(Path(args.out).absolute().parent)
+    if args.embeddings:
+      if not args.doc_ids:
+        raise CliError("--embeddings needs --doc_ids (one document id a line, in row order)")
+      for path in (args.embeddings, args.doc_ids):
+        if not Path(path).is_file():
+          raise CliError(f"{path} does not exist")
+      vectors = np.load(args.embeddings, mmap_mode="r")
+      ids = Path(args.doc_ids).read_text(encoding="utf-8").split()
+      model = embed_jax.load(args.model, max_seq_length=args.max_seq_length)
+      checksum = "sha256:" + vindex._sha256(Path(args.embeddings))
+    else:
+      from embed_jax.data.teacher import TeacherStore, build_store
+      dataset = load_beir(args.dataset, data_dir=args.data_dir)
+      if not dataset.corpus_ids:
+        raise CliError(f"{dataset.name}'s corpus is empty: nothing to index")
+      model = embed_jax.load(args.model, max_seq_length=args.max_seq_length)
+      store = Path(f"{Path(args.out).absolute()}.embeddings")  # resumable, beside the index
+      build_store(model, dataset, ["corpus"], store, name=args.model, batch_size=args.batch_size)
+      vectors = TeacherStore(store).vectors
+      ids = list(dataset.corpus_ids)
+      checksum = dataset.checksum
+    out = vindex.build_index(vectors, ids, args.out, kind=args.kind, dims=args.dims,
+                             fingerprint=model_fingerprint(model), corpus_checksum=checksum,
+                             model=str(args.model), hnsw_m=args.hnsw_m,
+                             ef_construction=args.ef_construction)
+    meta = vindex.VectorIndex(out, verify=False).meta
+    print(f"index {out}: {meta['kind']} over {meta['num_docs']} documents at {meta['dims']} of "
+          f"{meta['full_dims']} dims, built in {meta['build_seconds']:.1f} s")
+    return
+  model = embed_jax.load(args.model, max_seq_length=args.max_seq_length)
+  idx = vindex.VectorIndex(args.index, fingerprint=model_fingerprint(model), dims=args.dims)
+  if args.ef_search:
+    idx.set_ef_search(args.ef_search)
+  output = check_output(args.output, ".json")
+  from embed_jax.representations import Dense
+  if args.query:
+    q = Dense().encode(model, args.query, role="query")
+    scores, rows = idx.search(q, args.k, rescore=args.rescore, chain=args.chain)
+    out = {"queries": [{"query": t, "hits": [{"id": idx.doc_ids[r], "score": float(s)}
+                                             for s, r in zip(sc, rw) if r >= 0]}
+                       for t, sc, rw in zip(args.query, scores, rows)]}
+  else:
+    import time
+    from embed_jax.evaluate import ir_metrics, run_from_topk
+    dataset = load_beir(args.dataset, data_dir=args.data_dir)
+    if idx.meta["corpus_checksum"] != dataset.checksum:
+      raise CliError(f"{args.index} was built from another corpus than {dataset.name} "
+                     f"(checksum {idx.meta['corpus_checksum'][:12]}, this one "
+                     f"{dataset.checksum[:12]}); rebuild the index from it")
+    qrels = dataset.qrels(args.split)
+    qids = [q for q in dataset.queries if q in qrels]
+    q = Dense().encode(model, [dataset.queries[i] for i in qids], role="query")
+    t = time.perf_counter()
+    scores, rows = idx.search(q, args.k, rescore=args.rescore, chain=args.chain)
+    ms = (time.perf_counter() - t) * 1e3 / len(qids)
+    metrics = ir_metrics(qrels, run_from_topk(qids, idx.doc_ids, scores, rows),
+                         [k for k in (1, 3, 5, 10, 100, 1000) if k <= args.k])
+    out = {"index": str(args.index), "kind": idx.kind, "dims": idx.dims, "rescore": args.rescore,
+           "chain": args.chain, "split": args.split, "num_queries": len(qids),
+           "ms_per_query": round(ms, 4), "metrics": metrics}
+  print(json.dumps(out, indent=2))
+  if output:
+    atomic_write(output, lambda f: f.write(json.dumps(out, indent=2) + "\n"), "w")
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
   """Each option's default beside its help (when it has one); descriptions and epilogs keep
   their line breaks."""
@@ -492,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
   v.add_argument("--rerank", action="append", default=None, metavar="CROSS_ENCODER",
                  help="re-rank the first stage's top documents with this cross-encoder folder "
                       "(a sentence-transformers CrossEncoder); repeat to compare several")
+  v.add_argument("--device_search", choices=("auto", "on", "off"), default="auto",
+                 help="exact float32 search over the corpus sharded across the devices (auto: "
+                      "when there is more than one accelerator)")
   v.add_argument("--rerank_top", type=int, default=100,
                  help="documents per query the cross-encoder re-scores")
   v.add_argument("--batch_size", type=int, default=32, help="texts per forward pass")
@@ -574,6 +669,43 @@ def build_parser() -> argparse.ArgumentParser:
   te.add_argument("--split", default="train", help="--scores: the qrels split whose queries")
   te.set_defaults(func=cmd_teacher)
 
+  ix = add("index", help="vector indexes (FAISS flat, hnsw, int8, binary, binary_hnsw) at a "
+                          "Matryoshka prefix: build from a model and corpus, search with "
+                          "re-scoring and funnel stages",
+              epilog="examples:\n"
+                     "  embed-jax index build --model M --dataset scifact --kind binary --dims 64 --out idx\n"
+                     "  embed-jax index search --index idx --model M --dataset scifact --rescore 200\n"
+                     "Re-running a build resumes the corpus encoding (<out>.embeddings).")
+  ix.add_argument("action", choices=("build", "search"))
+  ix.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2",
+                  help="the model whose vectors are indexed; searching needs the same one")
+  ix.add_argument("--dataset", default="scifact", help="a BEIR name or folder/zip")
+  ix.add_argument("--data_dir", default=None, help="TFDS cache folder")
+  ix.add_argument("--max_seq_length", type=int, default=None, help="tokens; None: the model's")
+  ix.add_argument("--dims", type=int, default=None,
+                  help="build: index the first d dims (default all); search: the dims expected")
+  ix.add_argument("--out", help="build: the index folder (written atomically)")
+  ix.add_argument("--kind", choices=("flat", "hnsw", "int8", "binary", "binary_hnsw"),
+                  default="flat", help="build: the FAISS index")
+  ix.add_argument("--embeddings", default=None,
+                  help="build: stored corpus vectors (.npy [N, D]) instead of encoding")
+  ix.add_argument("--doc_ids", default=None, help="build: with --embeddings, one id a line")
+  ix.add_argument("--hnsw_m", type=int, default=32, help="build: HNSW neighbours per node")
+  ix.add_argument("--ef_construction", type=int, default=80, help="build: HNSW build breadth")
+  ix.add_argument("--batch_size", type=int, default=64, help="build: texts per forward pass")
+  ix.add_argument("--index", help="search: the index folder")
+  ix.add_argument("--split", default="test", help="search: the qrels split whose queries")
+  ix.add_argument("--query", action="append", default=None,
+                  help="search: a query text (repeatable) instead of a dataset split")
+  ix.add_argument("--k", type=int, default=100, help="search: documents per query")
+  ix.add_argument("--rescore", type=int, default=0,
+                  help="search: shortlist this many, re-ranked by the stored full-dims vectors")
+  ix.add_argument("--chain", type=_chain, default=[],
+                  help="search: funnel stages between shortlist and full dims, e.g. 128:200")
+  ix.add_argument("--ef_search", type=int, default=None, help="search: HNSW breadth")
+  ix.add_argument("--output", default=None, help="search: write the result as JSON")
+  ix.set_defaults(func=cmd_index)
+
   add_mine_parser(sub)
   return p
 
@@ -626,9 +758,11 @@ def _user_errors() -> tuple:
   (embed_jax.train, if a command loaded it)."""
   train = sys.modules.get("embed_jax.train")
   dist = sys.modules.get("embed_jax.distributed")
+  index = sys.modules.get("embed_jax.index")
   return (CliError, OSError, ValueError, TypeError) + (
       (train.TrainingError,) if train is not None else ()) + (
-      (dist.DistributedError,) if dist is not None else ())
+      (dist.DistributedError,) if dist is not None else ()) + (
+      (index.VectorIndexError,) if index is not None else ())
 
 
 def main(argv: list[str] | None = None) -> int:

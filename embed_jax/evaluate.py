@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from embed_jax import distributed
+from embed_jax import distributed, search
 from embed_jax.models.pooling import l2_normalize as unit
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,12 @@ def topk_search(score_chunk, num_docs: int, k: int, chunk: int = DOC_CHUNK):
       i_QxC = np.concatenate([best_i, i_QxC], axis=1)
     if s_QxC.shape[1] > k:
       part_QxK = np.argpartition(-s_QxC, k - 1, axis=1)[:, :k]
+      # argpartition may keep any of the documents tied at the k-th score: rows with such ties
+      # are selected again by (score, index), so the lower indices are kept.
+      kth_Q = np.take_along_axis(s_QxC, part_QxK, 1).min(axis=1)
+      tied = np.flatnonzero((s_QxC >= kth_Q[:, None]).sum(axis=1) > k)
+      if len(tied):
+        part_QxK[tied] = np.lexsort((i_QxC[tied], -s_QxC[tied]), axis=1)[:, :k]
       s_QxC = np.take_along_axis(s_QxC, part_QxK, axis=1)
       i_QxC = np.take_along_axis(i_QxC, part_QxK, axis=1)
     best_s, best_i = s_QxC, i_QxC
@@ -320,7 +326,8 @@ def evaluate_embeddings(queries_QxD, query_ids: Sequence[str], docs_NxD,
                         dims: Sequence[int] | None = None, precisions: Sequence[str] = ("float32",),
                         rescore: int = 0, k_values: Sequence[int] = DEFAULT_K,
                         representation=None, pool_factors: Sequence[int] = (),
-                        plaid: bool = False, keep_runs: bool = False) -> list[dict]:
+                        plaid: bool = False, keep_runs: bool = False,
+                        device_search: str = "auto") -> list[dict]:
   """Every index of a representation's outputs: metrics, bytes per document, ms per query.
 
   Dense (default): each d in `dims` keeps the first d dims (re-normalised), at each precision.
@@ -328,7 +335,10 @@ def evaluate_embeddings(queries_QxD, query_ids: Sequence[str], docs_NxD,
   through PLAID's candidate generation (`plaid`). Sparse (scipy CSR): the inverted index; BM25
   (texts): bm25s. An index with `stats()` adds them to its row (non-zeros per query and
   document, FLOPS per query, all-zero vectors). `keep_runs` adds each row's run ("run").
+  `device_search` ("auto" | "on" | "off"; auto: more than one accelerator) runs the float32
+  dense search on the devices (embed_jax.search.ShardedFloat32; the row's "search_devices").
   """
+  on_devices = search.use_devices(device_search)
   if representation is None:
     from embed_jax.representations import Dense
     representation = Dense()
@@ -337,6 +347,8 @@ def evaluate_embeddings(queries_QxD, query_ids: Sequence[str], docs_NxD,
   for index, d in representation.search_plan(docs_NxD, dims=dims, precisions=precisions,
                                              rescore=rescore, pool_factors=pool_factors,
                                              plaid=plaid):
+    if on_devices and type(index) is Float32:  # dense float32 only: the same search, sharded
+      index = search.ShardedFloat32()
     cut = (lambda x: x) if d is None else (lambda x: representation.prefix(x, d))  # noqa: E731
     index.index(cut(docs_NxD))
     t = time.perf_counter()
@@ -370,14 +382,17 @@ def evaluate_retrieval(model, dataset, split: str = "test", *, dims: Sequence[in
                        show_progress: bool | None = None,
                        qrels: Mapping[str, Mapping[str, int]] | None = None,
                        representation=None, pool_factors: Sequence[int] = (),
-                       plaid: bool = False, keep_runs: bool = False) -> dict:
+                       plaid: bool = False, keep_runs: bool = False,
+                       device_search: str = "auto") -> dict:
   """Encodes a BEIR split's judged queries and the corpus once, then evaluates each index.
 
   `qrels` overrides the split's (e.g. dev queries carved from train); `representation` (default
   dense) encodes and searches. Returns {"settings": {...}, "results": [...]}: the settings name
   the model fingerprint, dataset checksum, max_seq_length and text joining, so that a number can
-  be traced to what produced it.
+  be traced to what produced it. `device_search`: as evaluate_embeddings; settings record
+  whether it was on.
   """
+  on_devices = search.use_devices(device_search)  # a bad value fails before the encoding
   if representation is None:
     from embed_jax.representations import of_model
     representation = of_model(model)
@@ -398,7 +413,8 @@ def evaluate_retrieval(model, dataset, split: str = "test", *, dims: Sequence[in
   results = evaluate_embeddings(queries_QxD, query_ids, docs_NxD, doc_ids, qrels, dims=dims,
                                 precisions=precisions, rescore=rescore, k_values=k_values,
                                 representation=representation, pool_factors=pool_factors,
-                                plaid=plaid, keep_runs=keep_runs)
+                                plaid=plaid, keep_runs=keep_runs,
+                                device_search="on" if on_devices else "off")
   settings = {
       "model": str(model.source), "model_fingerprint": model_fingerprint(model),
       "dataset": dataset.name, "dataset_checksum": dataset.checksum, "split": split,
@@ -407,6 +423,7 @@ def evaluate_retrieval(model, dataset, split: str = "test", *, dims: Sequence[in
       "text": 'title + " " + text',
       "similarity": representation.similarity, "k_values": list(k_values), "rescore": rescore,
       "encode_seconds": round(encode_s, 2), "documents_encoded_per_process": per_process,
+      "device_search": on_devices,
   }
   return {"settings": settings, "results": results}
 
