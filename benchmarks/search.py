@@ -1,10 +1,20 @@
-"""Exact search speed per representation: 300 SciFact test queries over the 5,183-document corpus.
+"""Search speed per representation and index, on SciFact and at scale.
 
     EMBED_JAX_DATA=../shared/data python benchmarks/search.py [--reps 5]
+    EMBED_JAX_DATA=../shared/data python benchmarks/search.py --scale 10000,100000,1000000
 
-Times float32, int8, uint8, binary (Hamming) and binary with the top 100 re-scored by the float
-query, in one run, on all-MiniLM-L6-v2 embeddings (computed once by embed_jax, then cached in
-runs/cache/), and prints ms per query, bytes per document and the speed-up over float32.
+Without --scale: exact numpy search (embed_jax.evaluate) of float32, int8, uint8, binary and
+binary with the top 100 re-scored, 300 SciFact test queries over the 5,183-document corpus.
+
+--scale: the FAISS indexes of embed_jax.index (flat, HNSW, int8, binary, binary HNSW, re-scoring
+and funnel settings) over corpora of N vectors: the SciFact corpus embeddings plus N - 5,183
+vectors drawn from a Gaussian with the corpus embeddings' mean and covariance (unit-normalised,
+as the real ones are), searched by the SciFact test queries. Per index: ms per query alone (one
+thread) and in one batch of 300 (--threads), recall@10 against exact float32 search, bytes per document, build seconds,
+and the process's peak RSS; speed-ups are against flat float32 in the same run. Each size runs
+in its own process. Writes experiments/results/search/scale.{md,json,png}.
+
+All embeddings are all-MiniLM-L6-v2's (--model), computed once and cached in runs/cache/.
 """
 
 from __future__ import annotations
@@ -40,12 +50,20 @@ def embeddings(model_name: str, cache: Path):
 def main():
   from embed_jax import evaluate
   p = argparse.ArgumentParser()
+  p.add_argument("--scale", default=None, help="comma-separated corpus sizes, e.g. 10000,100000")
+  p.add_argument("--size", type=int, default=None, help=argparse.SUPPRESS)  # one size, in-process
+  p.add_argument("--threads", type=int, default=2, help="--scale: FAISS threads")
+  p.add_argument("--single", type=int, default=100, help="--scale: queries timed one at a time")
   p.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
   p.add_argument("--reps", type=int, default=5, help="timed repetitions; the best is kept")
   p.add_argument("--k", type=int, default=100)
   p.add_argument("--rescore", type=int, default=100)
   args = p.parse_args()
   queries, docs = embeddings(args.model, REPO / "runs" / "cache" / args.model.replace("/", "__"))
+  if args.size:
+    return scale_one(args, queries, docs)
+  if args.scale:
+    return scale(args)
   print(f"{len(queries)} queries x {len(docs)} documents, {docs.shape[1]} dims, top {args.k}, "
         f"best of {args.reps}, {os.cpu_count()} cores")
   reps = [evaluate.Float32(), evaluate.Scalar("int8"), evaluate.Scalar("uint8"),
@@ -60,6 +78,214 @@ def main():
   print(f"\n{'representation':16}{'ms/query':>10}{'bytes/doc':>11}{'speed-up':>10}")
   for name, ms, nbytes in rows:
     print(f"{name:16}{ms:10.3f}{nbytes:11g}{ref / ms:9.2f}x")
+
+
+# ---- the scale sweep ----
+
+OUT = REPO / "experiments" / "results" / "search"
+# (label, kind, indexed dims, rescore shortlist, funnel chain, HNSW efSearch)
+SETTINGS = [
+    ("flat float32", "flat", None, 0, (), None),
+    ("hnsw ef=64", "hnsw", None, 0, (), 64),
+    ("hnsw ef=128", "hnsw", None, 0, (), 128),
+    ("hnsw ef=256", "hnsw", None, 0, (), 256),
+    ("int8 flat", "int8", None, 0, (), None),
+    ("int8 + rescore 100", "int8", None, 100, (), None),
+    ("binary flat", "binary", None, 0, (), None),
+    ("binary + rescore 100", "binary", None, 100, (), None),
+    ("binary + rescore 200", "binary", None, 200, (), None),
+    ("binary hnsw + rescore 100", "binary_hnsw", None, 100, (), 128),
+    ("funnel 64d float, 200 -> 384d", "flat", 64, 200, (), None),
+    ("funnel 64d binary, 1000 -> 128d 200 -> 384d", "binary", 64, 1000, ((128, 200),), None),
+]
+
+
+def synthetic(docs_NxD: np.ndarray, n: int, seed: int = 0, chunk: int = 100_000):
+  """The corpus followed by n - len(corpus) Gaussian vectors with its mean and covariance."""
+  from embed_jax.index import unit_prefix
+  real = unit_prefix(docs_NxD)
+  out = np.empty((n, real.shape[1]), np.float32)
+  out[:len(real)] = real[:n]
+  mean_D = real.mean(axis=0)
+  chol_DxD = np.linalg.cholesky(np.cov(real, rowvar=False) + 1e-6 * np.eye(real.shape[1]))
+  rng = np.random.default_rng(seed)
+  for a in range(len(real), n, chunk):
+    b = min(a + chunk, n)
+    z = rng.standard_normal((b - a, real.shape[1]), dtype=np.float32)
+    out[a:b] = unit_prefix(mean_D + z @ chol_DxD.T.astype(np.float32))
+  return out
+
+
+def peak_rss_gib() -> float:
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def scale_one(args, queries, docs) -> None:
+  """One corpus size in this process: build each index once, time each setting, print JSON."""
+  import json
+  import shutil
+  import tempfile
+
+  import faiss
+
+  from embed_jax.index import VectorIndex, build_index
+  faiss.omp_set_num_threads(args.threads)
+  corpus = synthetic(docs, args.size)
+  ids = [str(i) for i in range(len(corpus))]
+  rows, built, exact = [], {}, None
+  tmp = Path(tempfile.mkdtemp(prefix="scale-", dir=REPO / "runs"))
+  try:
+    for label, kind, dims, rescore, chain, ef in SETTINGS:
+      key = (kind, dims)
+      if key not in built:
+        for old in built.values():  # one index in memory at a time
+          old["index"] = None
+        rss0 = peak_rss_gib()
+        t = time.perf_counter()
+        path = build_index(corpus, ids, tmp / f"{kind}_{dims}", kind=kind, dims=dims,
+                           fingerprint="benchmark", corpus_checksum=f"synthetic-{args.size}")
+        build_s = time.perf_counter() - t
+        built[key] = {"index": VectorIndex(path, verify=False), "build_s": build_s,
+                      "rss_after_build": peak_rss_gib(), "rss_before": rss0}
+      entry = built[key]
+      idx = entry["index"]
+      if idx is None:
+        idx = entry["index"] = VectorIndex(tmp / f"{kind}_{dims}", verify=False)
+      if ef:
+        idx.set_ef_search(ef)
+      search = lambda q, k=10: idx.search(q, k, rescore=rescore, chain=chain)  # noqa: E731
+      search(queries[:4])  # warm-up
+      batch = min(_timed(lambda: search(queries)) for _ in range(args.reps)) / len(queries)
+      faiss.omp_set_num_threads(1)  # a query alone: one thread (as a server handles one request)
+      one = min(_timed(lambda: [search(queries[i:i + 1]) for i in range(args.single)])
+                for _ in range(max(1, args.reps // 2))) / args.single
+      faiss.omp_set_num_threads(args.threads)
+      _, found = search(queries)
+      if exact is None:
+        exact = found  # flat float32 comes first: the exact top 10
+      recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)]))
+      rows.append({"setting": label, "kind": kind, "dims": dims or docs.shape[1],
+                   "rescore": rescore, "chain": [list(c) for c in chain], "ef_search": ef,
+                   "ms_single": round(one * 1e3, 4), "ms_batched": round(batch * 1e3, 4),
+                   "recall@10": round(recall, 4), "bytes_per_doc": round(idx.bytes_per_doc, 2),
+                   "build_s": round(entry["build_s"], 2),
+                   "peak_rss_gib_after_build": round(entry["rss_after_build"], 2)})
+      print(f"  {label:46} single {rows[-1]['ms_single']:9.3f} ms  batched "
+            f"{rows[-1]['ms_batched']:9.3f} ms  recall@10 {recall:.3f}", file=sys.stderr, flush=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  print(json.dumps({"size": args.size, "threads": args.threads, "rows": rows,
+                    "peak_rss_gib": round(peak_rss_gib(), 2)}))
+
+
+def funnel_quality(args, queries, docs, chains=((64, 200), (128, 200), (64, 1000))) -> list[dict]:
+  """SciFact test nDCG@10 of exact full-dims search against funnels (flat float at d dims,
+  shortlist K, re-ranked at full dims), for the model as it is and rotated onto the principal
+  axes of its corpus embeddings (an orthogonal map fitted without labels: full-dims scores
+  unchanged, the leading dims carry the most variance, as a Matryoshka model's do)."""
+  import shutil
+  import tempfile
+
+  from embed_jax.data import load_beir
+  from embed_jax.evaluate import ir_metrics, run_from_topk
+  from embed_jax.index import VectorIndex, build_index, unit_prefix
+  ds = load_beir(Path(os.environ.get("EMBED_JAX_DATA", REPO.parent / "shared" / "data")) / "beir" / "scifact")
+  qids, qrels = list(ds.split_queries("test")), ds.qrels("test")
+  unit_docs = unit_prefix(docs)
+  _, _, rot_DxD = np.linalg.svd(unit_docs - unit_docs.mean(axis=0), full_matrices=False)
+  rows = []
+  tmp = Path(tempfile.mkdtemp(prefix="funnel-", dir=REPO / "runs"))
+  try:
+    for name, rot in (("as trained", None), ("PCA-rotated", rot_DxD.T)):
+      q, d = (unit_prefix(queries), unit_docs) if rot is None else (unit_prefix(queries) @ rot,
+                                                                   unit_docs @ rot)
+
+      def ndcg(dims, rescore, k=10):
+        path = tmp / f"{name}_{dims}"
+        if not path.exists():
+          build_index(d, ds.corpus_ids, path, dims=dims, fingerprint="b", corpus_checksum="c")
+        s, r = VectorIndex(path, verify=False).search(q, 100, rescore=rescore)
+        return ir_metrics(qrels, run_from_topk(qids, ds.corpus_ids, s, r), (k,))[f"ndcg@{k}"]
+
+      full = ndcg(None, 0)
+      rows.append({"model": f"{args.model} ({name})", "setting": "exact, full dims",
+                   "ndcg@10": round(full, 4), "kept": 1.0})
+      for dims, k in chains:
+        rows.append({"model": f"{args.model} ({name})", "setting": f"{dims}d shortlist {k} -> full",
+                     "ndcg@10": round(ndcg(dims, k), 4)})
+        rows[-1]["kept"] = round(rows[-1]["ndcg@10"] / full, 4)
+        if not any(r["setting"] == f"{dims}d alone" and name in r["model"] for r in rows):
+          rows.append({"model": f"{args.model} ({name})", "setting": f"{dims}d alone",
+                       "ndcg@10": round(ndcg(dims, 0), 4)})
+          rows[-1]["kept"] = round(rows[-1]["ndcg@10"] / full, 4)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return rows
+
+
+def scale(args) -> None:
+  """Each size in its own process (fresh memory, a peak RSS per size), then table and plot."""
+  import json
+  import subprocess
+  results = []
+  for n in [int(x) for x in args.scale.split(",")]:
+    print(f"{n} vectors ...", flush=True)
+    out = subprocess.run([sys.executable, __file__, "--size", str(n), "--model", args.model,
+                          "--reps", str(args.reps), "--threads", str(args.threads),
+                          "--single", str(args.single)],
+                         check=True, capture_output=False, stdout=subprocess.PIPE, text=True)
+    results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+  for r in results:
+    flat = r["rows"][0]
+    for row in r["rows"]:
+      row["speedup_single"] = round(flat["ms_single"] / row["ms_single"], 2)
+      row["speedup_batched"] = round(flat["ms_batched"] / row["ms_batched"], 2)
+      row["memory_ratio"] = round(row["bytes_per_doc"] / flat["bytes_per_doc"], 4)
+  OUT.mkdir(parents=True, exist_ok=True)
+  meta = {"model": args.model, "queries": 300, "k": 10, "threads": args.threads,
+          "cores": os.cpu_count(), "reps": args.reps, "single_queries": args.single}
+  queries, docs = embeddings(args.model, REPO / "runs" / "cache" / args.model.replace("/", "__"))
+  funnel = funnel_quality(args, queries, docs)
+  (OUT / "scale.json").write_text(json.dumps({"settings": meta, "sizes": results,
+                                              "funnel_ndcg": funnel}, indent=2) + "\n")
+  lines = ["SciFact test nDCG@10 through funnels (5,183 documents):\n",
+           "| model | setting | nDCG@10 | kept |", "|---|---|---|---|"]
+  lines += [f"| {r['model']} | {r['setting']} | {r['ndcg@10']:.4f} | {100 * r['kept']:.1f}% |"
+            for r in funnel]
+  for r in results:
+    lines += [f"\n### {r['size']:,} vectors (peak RSS of the process {r['peak_rss_gib']} GiB)\n",
+              "| index | ms/query alone | speed-up | ms/query in a batch | speed-up | recall@10 | "
+              "bytes/doc | memory | build s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {x['setting']} | {x['ms_single']:.3f} | {x['speedup_single']:.2f}x | "
+              f"{x['ms_batched']:.3f} | {x['speedup_batched']:.2f}x | {x['recall@10']:.3f} | "
+              f"{x['bytes_per_doc']:g} | {x['memory_ratio']:.3f} | {x['build_s']:.1f} |"
+              for x in r["rows"]]
+  table = "\n".join(lines)
+  (OUT / "scale.md").write_text(table + "\n")
+  print(table)
+  plot(results)
+
+
+def plot(results) -> None:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib missing (pip install -e .[plots]): no plot")
+    return
+  fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.5), squeeze=False)
+  for ax, r in zip(axes[0], results):
+    for row in r["rows"]:
+      ax.scatter(row["speedup_batched"], row["recall@10"])
+      ax.annotate(row["setting"], (row["speedup_batched"], row["recall@10"]), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("speed-up over flat float32 (batch of 300)")
+    ax.set_ylabel("recall@10 against exact")
+    ax.set_title(f"{r['size']:,} vectors")
+  fig.tight_layout()
+  fig.savefig(OUT / "scale.png", dpi=120)
 
 
 def _timed(fn) -> float:
