@@ -431,7 +431,8 @@ def cmd_index(args) -> None:
         raise CliError(f"{dataset.name}'s corpus is empty: nothing to index")
       model = embed_jax.load(args.model, max_seq_length=args.max_seq_length)
       store = Path(f"{Path(args.out).absolute()}.embeddings")  # resumable, beside the index
-      build_store(model, dataset, ["corpus"], store, name=args.model, batch_size=args.batch_size)
+      build_store(model, dataset, ["corpus"], store, name=args.model, batch_size=args.batch_size,
+                  role="document")  # with the model's document prompt, as evaluation encodes
       vectors = TeacherStore(store).vectors
       ids = list(dataset.corpus_ids)
       checksum = dataset.checksum

@@ -63,7 +63,7 @@ def vectors(name: str, model_path: str, ds):
     from embed_jax.representations import Dense
     model = embed_jax.load(model_path)
     qids = list(ds.split_queries("test"))
-    cache.mkdir(parents=True)
+    cache.mkdir(parents=True, exist_ok=True)
     np.save(cache / "queries.npy", Dense().encode(model, [ds.queries[q] for q in qids], role="query"))
     np.save(cache / "docs.npy", Dense().encode(model, ds.corpus_texts(" "), batch_size=64,
                                                show_progress=True, role="document"))
@@ -136,14 +136,18 @@ def main():
       missing.append(f"{name} ({path})")
       continue
     done[name] = (dense_rows if name in DENSE else other_rows)(name, path, ds)
-    RUNS.mkdir(parents=True)
+    RUNS.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(done, indent=2) + "\n")
   rows = [r for name in done for r in done[name]]
-  OUT.mkdir(parents=True)
+  for name in done:  # each row's share of its model's own first (float32, full dims) row
+    for r in done[name]:
+      r["kept"] = round(r["ndcg@10"] / done[name][0]["ndcg@10"], 4)
+  OUT.mkdir(parents=True, exist_ok=True)
   (OUT / "compression.json").write_text(json.dumps({"rows": rows, "not_run": missing}, indent=2) + "\n")
-  lines = ["| model | representation | dims | nDCG@10 | recall@100 | bytes/doc | ms/query | build s |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = ["| model | representation | dims | nDCG@10 | kept | recall@100 | bytes/doc | ms/query | "
+           "build s |", "|---|---|---|---|---|---|---|---|---|"]
   lines += [f"| {r['model']} | {r['representation']} | {r['dims']} | {r['ndcg@10']:.4f} | "
+            f"{100 * r['kept']:.1f}% | "
             f"{r['recall@100']:.4f} | {r['bytes_per_doc']:g} | {r['ms_per_query']:.3f} | "
             f"{'' if r['build_s'] is None else format(r['build_s'], '.2f')} |" for r in rows]
   if missing:

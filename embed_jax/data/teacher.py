@@ -71,15 +71,20 @@ def teacher_info(model, name: str) -> dict:
 
 def build_store(model, dataset, kinds: Sequence[str], out: str | os.PathLike, *, name: str,
                 dtype: str = "float32", batch_size: int = 32, chunk: int = 512,
-                stop_after_chunks: int | None = None) -> Path:
+                stop_after_chunks: int | None = None, role: str | None = None) -> Path:
   """Encodes every text once into a store at `out` (unit vectors). Resumable: re-running with the
   same teacher continues after the last finished chunk; a partial store of another teacher or
-  dataset is refused. `stop_after_chunks` stops early (tests of interruption)."""
+  dataset is refused. `stop_after_chunks` stops early (tests of interruption). `role` ("query" |
+  "document") encodes with the model's prompt of that name, when it has one (recorded)."""
+  from embed_jax.embedder import role_prompt
   out = Path(out)
   ids, texts = dataset_texts(dataset, kinds)
   if dtype not in ("float32", "float16"):
     raise TeacherStoreError(f"dtype {dtype!r}: choose float32 or float16")
   teacher = teacher_info(model, name)
+  prompt = role_prompt(model, role) if role else {}
+  if prompt:
+    teacher["prompt"] = prompt["prompt_name"]
   manifest = {"teacher": teacher, "dataset": {"name": dataset.name, "checksum": dataset.checksum},
               "texts": list(kinds), "count": len(ids), "dtype": dtype, "complete": False}
   vectors_path = out / "vectors.npy"
@@ -96,7 +101,7 @@ def build_store(model, dataset, kinds: Sequence[str], out: str | os.PathLike, *,
     _write_json(out / "progress.json", {"rows_done": 0})
     _write_json(out / "manifest.json", manifest)
   fill_in_chunks(out, vectors_path, len(ids), lambda a, b: (slice(a, b), model.encode(
-      texts[a:b], batch_size=batch_size, normalize=True)), manifest, key="rows_done", chunk=chunk,
+      texts[a:b], batch_size=batch_size, normalize=True, **prompt)), manifest, key="rows_done", chunk=chunk,
       desc="teacher", unit="text", stop_after_chunks=stop_after_chunks)
   return out
 
