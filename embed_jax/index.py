@@ -231,6 +231,12 @@ class VectorIndex:
     if not 1 <= k <= self.num_docs:
       raise VectorIndexError(f"k={k} but the index holds {self.num_docs} documents; ask for "
                              f"1..{self.num_docs}")
+    if chain and not rescore:
+      raise VectorIndexError("funnel stages re-rank a shortlist: give rescore=K (the shortlist)")
+    for d, keep in chain:
+      if not (1 <= d <= self.full_dims and keep >= k):
+        raise VectorIndexError(f"funnel stage ({d}, {keep}): dims must be in 1..{self.full_dims} "
+                               f"and keep at least k={k}")
     shortlist = min(max(rescore, k), self.num_docs) if rescore else k
     if "hnsw" in self.kind and self.index.hnsw.efSearch < shortlist:
       self.index.hnsw.efSearch = shortlist  # HNSW returns at most efSearch results

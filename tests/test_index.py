@@ -103,6 +103,10 @@ def test_refusals_name_the_problem(tmp_path):
     idx.search(bad, 5)
   with pytest.raises(VectorIndexError, match=r"expected \[n, 64\]"):
     idx.search(queries[:, :32], 5)
+  with pytest.raises(VectorIndexError, match="dims must be in 1..64"):
+    idx.search(queries, 5, rescore=20, chain=[(65, 10)])
+  with pytest.raises(VectorIndexError, match="give rescore"):
+    idx.search(queries, 5, chain=[(48, 10)])
   with pytest.raises(VectorIndexError, match="corpus is empty"):
     build(tmp_path, docs[:0], [], name="empty")
   with pytest.raises(VectorIndexError, match="divisible by 8"):
