@@ -154,3 +154,19 @@ def test_bad_device_search_value():
     evaluate.evaluate_embeddings(*problem, device_search="gpu")
   with pytest.raises(ValueError, match="device_search"):
     evaluate.evaluate_retrieval(None, None, device_search=True)
+
+
+def test_eval_command_searches_on_the_devices_when_asked(tiny_beir, tiny_model_dir, tmp_path):
+  import json
+
+  from embed_jax.cli import main
+  out = {}
+  for choice in ("on", "off"):
+    path = tmp_path / f"{choice}.json"
+    assert main(["eval", "--model", str(tiny_model_dir), "--dataset", str(tiny_beir),
+                 "--device_search", choice, "--output", str(path)]) == 0
+    out[choice] = json.loads(path.read_text())
+  assert out["on"]["settings"]["device_search"] is True
+  assert out["on"]["results"][0]["search_devices"] == 8
+  assert out["on"]["results"][0]["metrics"] == pytest.approx(out["off"]["results"][0]["metrics"],
+                                                             abs=1e-6)
