@@ -180,6 +180,19 @@ def get_config() -> ml_collections.ConfigDict:
   # 0 uses optim.lr for everything.
   c.optim.head_lr = 0.0
 
+  # LoRA adapters (embed_jax.lora, as PEFT): r > 0 trains low-rank A, B on the Dense layers
+  # `target` selects (a preset: attention | ffn | attention+ffn, or a regex over layer paths such
+  # as "encoder/layer_0/attention/self/query"); the encoder is frozen (optim.freeze defaults to
+  # "encoder/.*"), heads still train; checkpoints hold the adapters, not the base; the export is
+  # merged, and <workdir>/adapter is a PEFT adapter folder.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.r = 0
+  c.lora.target = "attention"
+  c.lora.alpha = 32.0  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
+  c.lora.dropout = 0.0  # PEFT's default; training merges A B into the kernel, so only 0
+  c.lora.init = "kaiming"  # A as PEFT's default (kaiming-uniform) | gaussian; B starts at 0
+  c.lora.rslora = False
+
   c.train = ml_collections.ConfigDict()
   c.train.runner = "jit"  # jit (a Mesh with `data` and `fsdp` axes) | pmap
   # Devices along the mesh's fsdp axis: > 1 splits every parameter and optimiser-state leaf over

@@ -138,6 +138,34 @@ def merge(params, adapters: dict, spec: LoraSpec):
   return out
 
 
+def nest(adapters: dict) -> dict:
+  """{path: {"a", "b"}} -> the same nested by path components (params["lora"] in training: a
+  pytree whose names read as the layers', e.g. "lora/encoder/layer_0/attention/self/query/a")."""
+  from embed_jax.hf import _set
+  tree = {}
+  for path, ab in adapters.items():
+    _set(tree, path, dict(ab))
+  return tree
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+  """nest's inverse."""
+  if set(tree) == {"a", "b"}:
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(flat(v, f"{prefix}/{k}" if prefix else k))
+  return out
+
+
+def materialised(params, spec: LoraSpec | None):
+  """The params a model applies: params["lora"] (nested adapters) merged into the kernels and
+  dropped; params without adapters as they are."""
+  if spec is None or "lora" not in params:
+    return params
+  return merge({k: v for k, v in params.items() if k != "lora"}, flat(params["lora"]), spec)
+
+
 def count(adapters: dict) -> int:
   return sum(int(np.prod(v.shape)) for ab in adapters.values() for v in ab.values())
 

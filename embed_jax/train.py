@@ -29,7 +29,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from embed_jax import hf
+from embed_jax import hf, lora
 from embed_jax.checkpoint import (atomic_write, checkpoint_manager, restore_checkpoint,
                                   save_checkpoint)
 from embed_jax.embedder import Embedder
@@ -152,14 +152,16 @@ def make_train_step(module: SentenceEncoder, objective: Objective, config: ml_co
   train = bool(config.dropout)
   chunk = int(config.train.grad_cache_chunk)
   freeze = config.optim.get("freeze", "")
+  spec = lora.LoraSpec.from_config(config.lora) if config.get("lora", {}).get("r") else None
 
   def trainable(params):
     """Frozen leaves behind stop_gradient: their backward pass is never built, so a frozen
-    encoder costs a forward pass only."""
-    if not freeze:
-      return params
-    return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
-                        frozen_mask(params, freeze))
+    encoder costs a forward pass only. LoRA adapters (params["lora"]) are merged into their
+    kernels here: gradients reach A and B through the merged weights."""
+    if freeze:
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
+                            frozen_mask(params, freeze))
+    return lora.materialised(params, spec) if spec else params
 
   def loss_from_local_outputs(outputs, inputs, step):
     return objective.loss(_gather(outputs, axis_name), _gather(inputs, axis_name), step)
@@ -344,11 +346,21 @@ def make_runner(name: str, step_fn, devices=None, fsdp: int = 1):
   return {"jit": JitRunner, "pmap": PmapRunner}[name](step_fn, devices, fsdp)
 
 
-def start_state(runner, params, tx, seed: int, mngr=None, resume: str = ""):
+def saved_part(state, frozen: tuple[str, ...] = ()):
+  """What a checkpoint holds: the state without the frozen top-level params (a LoRA run's base
+  encoder, which the run re-reads from its model)."""
+  if not frozen:
+    return state
+  return state.replace(params={k: v for k, v in state.params.items() if k not in frozen})
+
+
+def start_state(runner, params, tx, seed: int, mngr=None, resume: str = "",
+                frozen: tuple[str, ...] = ()):
   """(state placed for the runner, checkpoint meta): restored from `mngr`'s latest checkpoint,
   else from the `resume` workdir's, else initialised. Built by shape: the abstract state
   (jax.eval_shape) carries the runner's sharding, and the state is read or computed straight into
-  it, never first built whole elsewhere."""
+  it, never first built whole elsewhere. `frozen` top-level params are not in checkpoints
+  (saved_part): a restored state takes them from `params`."""
   make = lambda p: init_state(p, tx, seed)  # noqa: E731
   shapes = jax.eval_shape(make, params)
   shardings = runner.state_shardings(shapes)
@@ -357,7 +369,9 @@ def start_state(runner, params, tx, seed: int, mngr=None, resume: str = ""):
   for source in ([mngr] if mngr is not None else []) + (
       [checkpoint_manager(Path(resume))] if resume else []):
     if source.latest_step() is not None:
-      state, meta = restore_checkpoint(source, abstract)
+      state, meta = restore_checkpoint(source, saved_part(abstract, frozen))
+      if frozen:
+        state = state.replace(params={**state.params, **{k: params[k] for k in frozen}})
       log.info("starting from %s at step %d", source.directory, int(state.step))
       return runner.put_state(state), meta
     if source is not mngr:
@@ -482,6 +496,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   data = inputs.build(config, model_config, tokenizer, embedder(params), workdir, dataset, store,
                       rep)
   params = heads.add_training_heads(config, params, module, data, embedder(params), workdir)
+  spec, frozen = None, ()
+  if config.lora.r:  # adapters beside the frozen encoder, which checkpoints leave out
+    spec = lora.LoraSpec.from_config(config.lora)
+    params = {**params, "lora": lora.nest(lora.init_adapters(
+        params, model_config, spec, jax.random.fold_in(jax.random.key(config.seed), 17)))}
+    frozen = ("encoder",)
+    if not config.optim.freeze:
+      config = ml_collections.ConfigDict(config.to_dict())  # this run's copy
+      config.optim.freeze = "encoder/.*"
+    log.info("LoRA r=%d on %d layers: %d trainable adapter parameters", spec.r,
+             len(lora.flat(params["lora"])), lora.count(lora.flat(params["lora"])))
+  applied = lambda p: lora.materialised(p, spec)  # noqa: E731  (what evaluators and exports see)
   objective = build_objective(config, data.tasks, representation=rep,
                               distill_projection=heads.DISTILL_PROJECTION in params)
   total_steps = data.loader.steps_per_epoch * config.num_epochs
@@ -502,7 +528,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                                                  else (None, len(devices)))),
       devices, config.train.fsdp)
   mngr = checkpoint_manager(workdir, config.checkpoint.keep)
-  state, meta = start_state(runner, params, tx, config.seed, mngr, config.resume)
+  state, meta = start_state(runner, params, tx, config.seed, mngr, config.resume, frozen)
   # The exported model card and config name the Matryoshka dims the model was trained for, and
   # the hub model it started from (a smoke run's tiny random model has none).
   export_config = model_config.replace(dtype="float32", matryoshka_dims=tuple(
@@ -512,7 +538,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
   # ---- loop ----
   start = int(runner.get_state(state).step)
   if start == 0:
-    evals.at_start(params)  # every process takes part: each encodes a share of the corpus
+    evals.at_start(applied(params))  # every process takes part: each encodes a share of the corpus
   end = total_steps if stop_after is None else min(total_steps, start + stop_after)
   log.info("training steps %d to %d of %d (%d per epoch), checkpoints in %s", start + 1, end,
            total_steps, data.loader.steps_per_epoch, workdir / "checkpoints")
@@ -532,17 +558,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       if save or evals.due(done, total_steps):
         metrics.flush()  # never evaluate or checkpoint params from a non-finite loss
         host = runner.get_state(state)
-        scores = evals.every(done, total_steps, distributed.to_host(host.params))
+        scores = evals.every(done, total_steps, applied(distributed.to_host(host.params)))
         if scores and main:
           metrics.write({"step": done, **scores})
         dev = scores.get(evals.key("dev"))
         if dev is not None and (meta["best_dev"] is None or dev > meta["best_dev"]):
           meta = {"best_dev": dev, "best_step": done}
           if config.export == "best" and main:  # kept apart from the rolling checkpoints
-            objective.representation.export(distributed.to_host(host.params), export_config,
+            objective.representation.export(applied(distributed.to_host(host.params)), export_config,
                                             tokenizer, workdir / "best", base_model=base_model)
         if save:
-          save_checkpoint(mngr, host, meta)
+          save_checkpoint(mngr, saved_part(host, frozen), meta)
           metrics.last_good = done
     metrics.flush()
   finally:
@@ -560,6 +586,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     log.info("%s is finished (step %d): nothing to do", workdir, end)  # report what it wrote
   else:
     params = distributed.to_host(runner.get_state(state).params)  # every process takes part
+    if spec and main:  # the adapters alone, as a PEFT folder (the last step's)
+      lora.export_peft(lora.flat(params["lora"]), export_config, spec, workdir / "adapter",
+                       base_model=base_model, fingerprint=evaluate.model_fingerprint(
+                           embedder({k: v for k, v in params.items() if k != "lora"})))
+    params = applied(params)
     if config.export == "best" and meta["best_step"] is not None:
       distributed.barrier("best")  # process 0 wrote it during training
       params = hf.load(workdir / "best")[1]

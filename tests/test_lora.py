@@ -133,3 +133,80 @@ def test_a_peft_made_adapter_imports_into_embed_jax(tiny_model_dir, tmp_path):
   save_file(state, str(tmp_path / "peft" / "adapter_model.safetensors"))
   with pytest.raises(lora.LoraError, match="adapts no Dense layer"):
     lora.import_peft(tmp_path / "peft", config)
+
+
+# ---- training ----
+
+
+def _lora_run(runner_name, devices, chunk=0):
+  """(losses, final params) of two MNRL steps with rank-4 adapters on attention + FFN."""
+  from tests.test_train import batch_shards, runner_model_config, synthetic_batch
+  from configs import scifact_mnrl
+  from embed_jax import train as T
+  from embed_jax.models import SentenceEncoder
+  from embed_jax.objective import build_objective
+  from embed_jax.testing import init_params
+  cfg = runner_model_config()
+  c = scifact_mnrl.get_config()
+  c.dropout = False
+  c.train.grad_cache_chunk = chunk
+  c.lora.r, c.lora.target, c.optim.freeze, c.optim.lr = 4, "attention+ffn", "encoder/.*", 1e-2
+  params = init_params(cfg)
+  spec = lora.LoraSpec.from_config(c.lora)
+  params = {**params, "lora": lora.nest(lora.init_adapters(params, cfg, spec, jax.random.key(1)))}
+  start = jax.tree.map(np.array, params)  # a copy: the runner donates the state it is given
+  tx, schedule = T.make_optimizer(c.optim, 10)
+  step = T.make_train_step(SentenceEncoder(cfg), build_objective(c), c, tx, schedule,
+                           "batch" if runner_name == "pmap" else None,
+                           batch_shards(runner_name, devices))
+  runner = T.make_runner(runner_name, step, devices)
+  state = runner.put_state(T.init_state(params, tx, 0))
+  losses = []
+  for s in range(2):
+    state, m = runner.step(state, synthetic_batch(seed=s))
+    losses.append(float(m["loss"]))
+  final = runner.get_state(state)
+  assert not jax.tree.leaves(final.opt_state[1].inner_states["frozen"])  # no state for the base
+  return losses, jax.tree.map(np.asarray, final.params), start
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+def test_lora_training_moves_only_the_adapters_and_agrees_across_runners_and_grad_cache():
+  from tests.test_train import _assert_same
+  one = _lora_run("jit", jax.devices()[:1])
+  losses, params, start = one
+  jax.tree.map(np.testing.assert_array_equal, params["encoder"], start["encoder"])
+  assert all(np.abs(ab["b"]).max() > 0 for ab in lora.flat(params["lora"]).values())
+  for other in (_lora_run("jit", jax.devices()[:8]), _lora_run("pmap", jax.devices()[:8]),
+                _lora_run("jit", jax.devices()[:1], chunk=4)):
+    _assert_same(one[:2], other[:2])
+
+
+def test_lora_smoke_run_checkpoints_adapters_only_resumes_and_exports_peft(tiny_beir, tmp_path):
+  import torch
+  from peft import PeftModel
+  from sentence_transformers import SentenceTransformer
+  from embed_jax import train as T
+  from tests.test_train import smoke_config
+  changes = {"lora.r": 4, "lora.target": "attention", "optim.lr": 1e-2}
+  full = T.train(smoke_config(tiny_beir, **changes), tmp_path / "full")
+  part = T.train(smoke_config(tiny_beir, **changes), tmp_path / "part", stop_after=3)
+  assert part["steps"] == 3
+  ckpt = tmp_path / "part" / "checkpoints"
+  saved = " ".join(str(p) for p in ckpt.rglob("*"))
+  assert "lora" in saved and "word_embeddings" not in saved  # the base is not in checkpoints
+  resumed = T.train(smoke_config(tiny_beir, **changes), tmp_path / "part")
+  assert resumed["test_ndcg@10"] == pytest.approx(full["test_ndcg@10"], abs=1e-6)
+  _, a = hf.load(full["export"])
+  _, b = hf.load(resumed["export"])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
+  # The PEFT folder on the base equals the merged export.
+  texts = varied_texts()[:16]
+  merged = SentenceTransformer(full["export"], device="cpu").encode(texts, convert_to_numpy=True)
+  st = SentenceTransformer(str(tmp_path / "full" / "tiny-model"), device="cpu")
+  st[0].auto_model = PeftModel.from_pretrained(st[0].auto_model, str(tmp_path / "full" / "adapter"))
+  with torch.no_grad():
+    peft_out = st.encode(texts, convert_to_numpy=True)
+  assert np.abs(peft_out - merged).max() <= 1e-5
+  base = SentenceTransformer(str(tmp_path / "full" / "tiny-model"), device="cpu").encode(texts)
+  assert np.abs(base - merged).max() > 1e-4  # training moved the adapters
