@@ -20,6 +20,7 @@ SMOKE = {  # config file -> its smoke variant (the ones other tests train are ma
     "scifact_splade": "smoke",  # test_sparse
     "scifact_lexical": "smoke",  # test_sparse
     "scifact_reranker": "smoke",  # test_rerank
+    "scifact_lora": "r4,smoke",  # test_lora (the smoke run of the base config's LoRA fields)
 }
 TRAINED_ELSEWHERE = {"scifact_mnrl", "scifact_hardneg", "scifact_mlm", "scifact_multitask",
                      "scifact_colbert", "scifact_splade", "scifact_lexical",
