@@ -182,10 +182,14 @@ def load(name_or_path: str | os.PathLike = hf.DEFAULT_MODEL, *, dtype: str = "fl
   if str(name_or_path).lower() == "bm25" and not Path(name_or_path).exists():
     from embed_jax.sparse import BM25Model
     return BM25Model()
-  folder = hf.resolve(name_or_path)
   overrides = dict(dtype=dtype, param_dtype=param_dtype)
   if max_seq_length is not None:
     overrides["max_seq_length"] = max_seq_length
+  adapter = Path(name_or_path)
+  if (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").is_file():
+    from embed_jax import lora  # a PEFT LoRA folder: its base, with the adapter merged
+    return lora.load_adapted(adapter, **overrides)
+  folder = hf.resolve(name_or_path)
   config, params = hf.load(folder, **overrides)
   if config.classifier is not None:  # a cross-encoder folder (*ForSequenceClassification)
     from embed_jax.rerank import CrossEncoder

@@ -246,3 +246,21 @@ def import_peft(folder: str | os.PathLike, model_config, *, fingerprint: str | N
     if set(ab) != {"a", "b"} or ab["a"].shape[1] != r:
       raise LoraError(f"{folder}: layer {path} lacks lora_A or lora_B, or its rank is not {r}")
   return adapters, spec
+
+
+def load_adapted(folder: str | os.PathLike, base: str | None = None, **overrides):
+  """An Embedder of the base model (adapter_config.json's base_model_name_or_path, or `base`)
+  with the PEFT LoRA adapter at `folder` merged in: what `embed_jax.load(adapter folder)` gives.
+  An adapter whose recorded base fingerprint differs from the base's is refused."""
+  import embed_jax
+  from embed_jax.embedder import Embedder
+  from embed_jax.evaluate import model_fingerprint
+  folder = Path(folder)
+  cfg = json.loads((folder / "adapter_config.json").read_text())
+  base = base or cfg.get("base_model_name_or_path")
+  if not base:
+    raise LoraError(f"{folder}: adapter_config.json names no base_model_name_or_path; pass base=")
+  model = embed_jax.load(base, **overrides)
+  adapters, spec = import_peft(folder, model.config, fingerprint=model_fingerprint(model))
+  return Embedder(model.config, merge(model.params, adapters, spec), model.tokenizer,
+                  source=str(folder))

@@ -210,3 +210,36 @@ def test_lora_smoke_run_checkpoints_adapters_only_resumes_and_exports_peft(tiny_
   assert np.abs(peft_out - merged).max() <= 1e-5
   base = SentenceTransformer(str(tmp_path / "full" / "tiny-model"), device="cpu").encode(texts)
   assert np.abs(base - merged).max() > 1e-4  # training moved the adapters
+
+
+def test_real_minilm_adapter_in_peft_and_through_embed_jax_load(minilm_dir, tmp_path):
+  """all-MiniLM-L6-v2 with a rank-8 adapter on attention + FFN: PEFT on sentence-transformers,
+  embed_jax's merged weights and `embed_jax.load(adapter folder)` embed 64 texts alike."""
+  import torch
+  from peft import PeftModel
+  from sentence_transformers import SentenceTransformer
+
+  import embed_jax
+  from embed_jax.evaluate import model_fingerprint
+  base = embed_jax.load(minilm_dir)
+  spec = lora.LoraSpec(target="attention+ffn", r=8, alpha=16)
+  adapters = _trained_like(lora.init_adapters(base.params, base.config, spec, jax.random.key(3)),
+                           seed=2)
+  adapters = {p: {"a": ab["a"], "b": ab["b"] * 0.1} for p, ab in adapters.items()}
+  texts = varied_texts()
+  ours = Embedder(base.config, lora.merge(base.params, adapters, spec), base.tokenizer).encode(texts)
+  out = lora.export_peft(adapters, base.config, spec, tmp_path / "adapter",
+                         base_model=str(minilm_dir), fingerprint=model_fingerprint(base))
+  loaded = embed_jax.load(out).encode(texts)
+  np.testing.assert_allclose(loaded, ours, atol=1e-6)
+  st = SentenceTransformer(str(minilm_dir), device="cpu")
+  assert np.abs(st.encode(texts) - ours).max() > 1e-3
+  st[0].auto_model = PeftModel.from_pretrained(st[0].auto_model, str(out))
+  with torch.no_grad():
+    theirs = st.encode(texts, convert_to_numpy=True)
+  assert np.abs(theirs - ours).max() <= 1e-5
+  other = json.loads((out / "embed_jax_adapter.json").read_text())
+  other["base_fingerprint"] = "0" * 64
+  (out / "embed_jax_adapter.json").write_text(json.dumps(other))
+  with pytest.raises(lora.LoraError, match="another base model"):
+    embed_jax.load(out)
