@@ -189,7 +189,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.lora.r = 0
   c.lora.target = "attention"
   c.lora.alpha = 32.0  # the update is scaled by alpha / r (alpha / sqrt(r) with rslora)
-  c.lora.dropout = 0.0  # PEFT's default; training merges A B into the kernel, so only 0
+  c.lora.dropout = 0.0  # on the adapter input in training (PEFT's lora_dropout; its default 0)
   c.lora.init = "kaiming"  # A as PEFT's default (kaiming-uniform) | gaussian; B starts at 0
   c.lora.rslora = False
 

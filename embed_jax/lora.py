@@ -3,7 +3,9 @@ lays them out, so that an adapter trained here loads in PEFT and the reverse.
 
     spec = LoraSpec(target="attention", r=16, alpha=32)
     adapters = init_adapters(params, model_config, spec, jax.random.key(0))
-    merged = merge(params, adapters, spec)          # kernel + alpha / r * A @ B, differentiable
+    merged = merge(params, adapters, spec)          # kernel + alpha / r * A @ B (inference)
+    with applied(adapters, spec, train=True):       # training: y = x W + s (dropout(x) A) B
+      module.apply({"params": params}, ...)
     export_peft(adapters, model_config, spec, "runs/adapter", base_model=..., fingerprint=...)
     adapters, spec = import_peft("runs/adapter", model_config)
 
@@ -20,6 +22,7 @@ three projections), "attention+ffn".
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -51,7 +54,7 @@ class LoraSpec:
   target: str = "attention"  # a preset or a regex over layer paths
   r: int = 16
   alpha: float = 32.0
-  dropout: float = 0.0  # PEFT's default; > 0 is refused (see merge)
+  dropout: float = 0.0  # on the adapter's input in training (PEFT's lora_dropout)
   init: str = "kaiming"
   rslora: bool = False
 
@@ -124,11 +127,8 @@ def init_adapters(params, model_config, spec: LoraSpec, key) -> dict:
 
 def merge(params, adapters: dict, spec: LoraSpec):
   """params with each adapted kernel replaced by kernel + scale * A @ B (a new tree; the input
-  is unchanged). Differentiable in the adapters: training applies LoRA this way, so dropout on
-  the adapter's input (which cannot be merged) is refused."""
-  if spec.dropout:
-    raise LoraError(f"lora dropout {spec.dropout}: embed_jax trains LoRA through merged weights, "
-                    f"which have no adapter-input dropout; use 0 (PEFT's default)")
+  is unchanged): what inference, evaluation and the merged export use. Training applies the
+  adapters beside the frozen kernels instead (`applied`)."""
   from embed_jax.hf import _set
   out = jax.tree.map(lambda x: x, params)  # a copy of the containers, leaves shared
   for path, ab in adapters.items():
@@ -136,6 +136,43 @@ def merge(params, adapters: dict, spec: LoraSpec):
     delta = (ab["a"] @ ab["b"]) * spec.scale
     _set(out, f"{path}/kernel", (kernel + delta.astype(kernel.dtype)))
   return out
+
+
+@contextlib.contextmanager
+def applied(adapters: dict, spec: LoraSpec, train: bool = False):
+  """A context in which every Flax Dense layer named in `adapters` (by its module path, which
+  is its params path) computes x W + b + scale * (dropout(x) A) B, as PEFT trains. Entered while
+  a step is traced, so the jitted step holds the adapter branch and never forms the frozen
+  kernel's weight gradient x^T dy (merging first would: d(W + s A B) is that product), which is
+  what makes a LoRA step cheaper than full fine-tuning. Dropout (spec.dropout, train only)
+  draws from the module's "dropout" rng, as the encoder's own dropout does."""
+  import flax.linen as nn
+
+  from embed_jax.models.bert import Projection
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    path = "/".join(module.path)
+    ab = adapters.get(path) if (
+        context.method_name == "__call__" and isinstance(module, (nn.Dense, Projection))) else None
+    y = next_fun(*args, **kwargs)
+    if ab is None:
+      return y
+    used.add(path)
+    x, scale = args[0], spec.scale
+    if isinstance(module, Projection):  # (x W + b) * s: the branch is scaled too
+      scale = scale * (args[1] if len(args) > 1 else kwargs.get("scale", 1.0))
+    if train and spec.dropout:
+      keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - spec.dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
+    return y + ((x @ ab["a"].astype(x.dtype)) @ (ab["b"] * scale).astype(x.dtype)).astype(y.dtype)
+
+  used = set()
+  with nn.intercept_methods(interceptor):
+    yield
+  if set(adapters) - used:
+    raise LoraError(f"lora: the model applied no adapter at {sorted(set(adapters) - used)[0]!r} "
+                    f"(not an nn.Dense or Projection call); adapt another layer")
 
 
 def nest(adapters: dict) -> dict:

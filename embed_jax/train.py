@@ -154,14 +154,19 @@ def make_train_step(module: SentenceEncoder, objective: Objective, config: ml_co
   freeze = config.optim.get("freeze", "")
   spec = lora.LoraSpec.from_config(config.lora) if config.get("lora", {}).get("r") else None
 
-  def trainable(params):
-    """Frozen leaves behind stop_gradient: their backward pass is never built, so a frozen
-    encoder costs a forward pass only. LoRA adapters (params["lora"]) are merged into their
-    kernels here: gradients reach A and B through the merged weights."""
+  def embedded(params, groups, rng, mask_key, rows):
+    """objective.embed with the params as trained. Frozen leaves sit behind stop_gradient, so
+    their backward pass is never built and a frozen encoder costs a forward pass only. LoRA
+    adapters (params["lora"]) are applied beside their frozen layers (lora.applied): gradients
+    reach A and B without the base kernels' weight gradients."""
     if freeze:
       params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params,
                             frozen_mask(params, freeze))
-    return lora.materialised(params, spec) if spec else params
+    if spec is None:
+      return objective.embed(module, params, groups, rng, train, mask_key, rows)
+    with lora.applied(lora.flat(params["lora"]), spec, train):
+      return objective.embed(module, {k: v for k, v in params.items() if k != "lora"}, groups,
+                             rng, train, mask_key, rows)
 
   def loss_from_local_outputs(outputs, inputs, step):
     return objective.loss(_gather(outputs, axis_name), _gather(inputs, axis_name), step)
@@ -176,8 +181,7 @@ def make_train_step(module: SentenceEncoder, objective: Objective, config: ml_co
 
     def loss_of_params(params):
       # The whole batch is chunk 0: the same dropout draw as gradient caching with one chunk.
-      outputs = objective.embed(module, trainable(params), batch["groups"],
-                                jax.random.fold_in(rng, 0), train, mask_key, rows)
+      outputs = embedded(params, batch["groups"], jax.random.fold_in(rng, 0), mask_key, rows)
       return loss_from_local_outputs(outputs, batch["inputs"], step)
     return jax.value_and_grad(loss_of_params, has_aux=True)(params)
 
@@ -199,7 +203,7 @@ def make_train_step(module: SentenceEncoder, objective: Objective, config: ml_co
     keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n_chunks))
 
     def embed_chunk(params, chunk_groups, key, rows):  # one key in both passes: same dropout
-      return objective.embed(module, trainable(params), chunk_groups, key, train, mask_key, rows)
+      return embedded(params, chunk_groups, key, mask_key, rows)
 
     outputs = jax.lax.map(lambda a: embed_chunk(jax.lax.stop_gradient(params), *a),
                           (chunks, keys, chunk_rows))

@@ -1,6 +1,7 @@
 """LoRA adapters (embed_jax.lora): targets, initialisation, merging, and PEFT folders both ways,
 checked against PEFT + sentence-transformers on a tiny BERT (and MPNet)."""
 
+import dataclasses
 import json
 
 import jax
@@ -49,8 +50,6 @@ def test_bad_targets_and_ranks_are_refused_before_compute(tiny_model_dir):
     lora.targets(params, config, "encoder/embeddings/LayerNorm")
   with pytest.raises(lora.LoraError, match="exceeds layer"):
     lora.init_adapters(params, config, lora.LoraSpec(r=33), jax.random.key(0))
-  with pytest.raises(lora.LoraError, match="dropout"):
-    lora.merge(params, {}, lora.LoraSpec(dropout=0.1))
 
 
 def test_init_as_peft_starts_at_the_base_model(tiny_model_dir):
@@ -65,6 +64,47 @@ def test_init_as_peft_starts_at_the_base_model(tiny_model_dir):
     np.testing.assert_array_equal(x, y)
   assert lora.count(adapters) == 2 * (4 * 4 * (32 + 32) + 2 * 4 * (32 + 64))  # r (in + out) each
   assert spec.scale == 2.0 and lora.LoraSpec(r=4, alpha=8, rslora=True).scale == 4.0
+
+
+@pytest.mark.parametrize("arch", ["bert", "mpnet"])
+def test_applied_adapters_equal_merged_weights_in_value_and_adapter_gradient(arch, tiny_model_dir,
+                                                                           tiny_mpnet_dir):
+  """Training's unmerged branch (x W + s x A B) against the merged kernel W + s A B: the same
+  embeddings and the same gradients w.r.t. A and B; dropout on the adapter input in training
+  only."""
+  import jax.numpy as jnp
+  from embed_jax.models import SentenceEncoder
+  folder = tiny_model_dir if arch == "bert" else tiny_mpnet_dir
+  config, params, tok = _model(folder)
+  spec = lora.LoraSpec(target="attention+ffn", r=4, alpha=8)
+  adapters = _trained_like(lora.init_adapters(params, config, spec, jax.random.key(0)))
+  module = SentenceEncoder(config)
+  ids = jnp.asarray(np.random.default_rng(0).integers(5, config.vocab_size, (3, 7)))
+  mask = jnp.ones_like(ids)
+
+  def merged(ad):
+    return module.apply({"params": lora.merge(params, ad, spec)}, ids, mask).sum()
+
+  def unmerged(ad, s=spec, train=False):
+    with lora.applied(ad, s, train):
+      kw = {"rngs": {"dropout": jax.random.key(1)}, "deterministic": False} if train else {}
+      return module.apply({"params": params}, ids, mask, **kw)
+
+  np.testing.assert_allclose(unmerged(adapters), module.apply(
+      {"params": lora.merge(params, adapters, spec)}, ids, mask), atol=1e-5)
+  g_merged = jax.grad(merged)(adapters)
+  g_applied = jax.grad(lambda ad: unmerged(ad).sum())(adapters)
+  for x, y in zip(jax.tree.leaves(g_applied), jax.tree.leaves(g_merged)):
+    np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4)
+  assert np.abs(np.asarray(jax.tree.leaves(g_applied)[0])).max() > 0
+  # adapter-input dropout: a different output in training, none at inference
+  module = SentenceEncoder(dataclasses.replace(config, hidden_dropout=0.0, attention_dropout=0.0))
+  dropped = lora.LoraSpec(target="attention+ffn", r=4, alpha=8, dropout=0.5)
+  np.testing.assert_allclose(unmerged(adapters, spec, True), unmerged(adapters), atol=1e-6)
+  assert np.abs(np.asarray(unmerged(adapters, dropped, True) - unmerged(adapters))).max() > 1e-3
+  np.testing.assert_allclose(unmerged(adapters, dropped), unmerged(adapters), atol=1e-6)
+  with pytest.raises(lora.LoraError, match="applied no adapter at 'encoder/nowhere'"):
+    unmerged({**adapters, "encoder/nowhere": next(iter(adapters.values()))})
 
 
 @pytest.mark.parametrize("arch", ["bert", "mpnet"])

@@ -80,18 +80,22 @@ class DenseLayerNorm(nn.Module):
     return _layer_norm(cfg)(x + residual).astype(cfg.dtype)
 
 
-class DenseParams(nn.Module):
-  """The kernel and bias of a Dense layer, returned rather than applied (for fused projections)."""
+class Projection(nn.Module):
+  """A Dense layer's kernel and bias applied with a scale folded into them: (x W + b) * scale,
+  scale being the attention's 1/sqrt(d) for the (small) query weights. A module of its own so
+  that LoRA (embed_jax.lora.applied) can add its branch to it as to an nn.Dense."""
   config: ModelConfig
   features: int
 
   @nn.compact
-  def __call__(self, in_features: int):
+  def __call__(self, x, scale: float = 1.0):
     cfg = self.config
-    kernel = self.param("kernel", nn.initializers.normal(0.02), (in_features, self.features),
+    kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features),
                         cfg.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), cfg.param_dtype)
-    return kernel, bias
+    if scale != 1.0:
+      kernel, bias = kernel * scale, bias * scale
+    return jnp.dot(x, kernel.astype(cfg.dtype)) + bias.astype(cfg.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -120,10 +124,7 @@ class SelfAttention(nn.Module):
     x_BxLxH = x_BxLxH.astype(cfg.dtype)
 
     def heads(name: str, scale: float = 1.0):
-      w_HxH, b_H = DenseParams(cfg, cfg.hidden_size, name=name)(h)
-      if scale != 1.0:  # 1/sqrt(d) folded into the (small) query weights
-        w_HxH, b_H = w_HxH * scale, b_H * scale
-      y_BxLxH = jnp.dot(x_BxLxH, w_HxH.astype(cfg.dtype)) + b_H.astype(cfg.dtype)
+      y_BxLxH = Projection(cfg, cfg.hidden_size, name=name)(x_BxLxH, scale)
       return y_BxLxH.reshape(b, l, n, d).transpose(0, 2, 1, 3)
 
     q_name, k_name, v_name = self.names
