@@ -130,14 +130,15 @@ def main():
   done = json.loads(cache.read_text()) if cache.exists() else {}
   missing = []
   for name, path in {**DENSE, **OTHER}.items():
-    if name in done or args.tabulate:
+    if name in done:
       continue
-    if not (path.startswith("sentence-transformers/") or Path(path).exists()):
+    if args.tabulate or not (path.startswith("sentence-transformers/") or Path(path).exists()):
       missing.append(f"{name} ({path})")
       continue
     done[name] = (dense_rows if name in DENSE else other_rows)(name, path, ds)
     RUNS.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(done, indent=2) + "\n")
+  done = {name: done[name] for name in {**DENSE, **OTHER} if name in done}  # the table's order
   rows = [r for name in done for r in done[name]]
   for name in done:  # each row's share of its model's own first (float32, full dims) row
     for r in done[name]:
