@@ -9,7 +9,7 @@ binary with the top 100 re-scored, 300 SciFact test queries over the 5,183-docum
 --scale: the FAISS indexes of embed_jax.index (flat, HNSW, int8, binary, binary HNSW, re-scoring
 and funnel settings) over corpora of N vectors: the SciFact corpus embeddings plus N - 5,183
 generated vectors (unit-normalised, as the real ones are), searched by the SciFact test queries.
-Generators (--generators, generated()): "gmm" (the default) samples a Gaussian mixture fitted to
+Generators (--generators, sampler()): "gmm" (the default) samples a Gaussian mixture fitted to
 the corpus (128 k-means clusters, each its members' mean and covariance shrunk 10% towards the
 corpus covariance); "gaussian" one Gaussian with the corpus mean and covariance (no cluster
 structure: a query's neighbours are far less distinct than in the real corpus, the hard case for
@@ -139,33 +139,37 @@ def _gmm(real_NxD: np.ndarray):
   return weights / weights.sum(), [(x.mean(axis=0), x - x.mean(axis=0)) for x in members]
 
 
-def generated(real_NxD: np.ndarray, m: int, generator: str, rng, gmm=None) -> np.ndarray:
-  """m unit vectors drawn like the (unit) corpus vectors:
+def sampler(real_NxD: np.ndarray, generator: str):
+  """draw(m, rng) -> m unit vectors drawn like the (unit) corpus vectors, the corpus statistics
+  fitted once:
   "gmm": a Gaussian mixture fitted to the corpus: a k-means cluster by its share of the
     corpus, then its mean plus N(0, (1 - s) C_j + s C) noise (C_j the cluster's covariance,
     shrunk towards the corpus covariance C by s = GMM_SHRINK);
   "gaussian": N(mean, C), one Gaussian;
   "kde": a random corpus vector plus N(0, h^2 C) noise, h = KDE_BANDWIDTH."""
   from embed_jax.index import unit_prefix
+  if generator not in GENERATORS:
+    raise ValueError(f"generator {generator!r}: choose from {', '.join(GENERATORS)}")
   chol_DxD = np.linalg.cholesky(np.cov(real_NxD, rowvar=False)
                                 + 1e-6 * np.eye(real_NxD.shape[1])).T.astype(np.float32)
-  z = rng.standard_normal((m, real_NxD.shape[1]), dtype=np.float32) @ chol_DxD
-  if generator == "kde":
-    return unit_prefix(real_NxD[rng.integers(0, len(real_NxD), m)] + KDE_BANDWIDTH * z)
-  if generator == "gaussian":
-    return unit_prefix(real_NxD.mean(axis=0) + z)
-  if generator == "gmm":
-    weights, clusters = gmm if gmm is not None else _gmm(real_NxD)
-    draw = rng.choice(len(weights), m, p=weights)
+  weights, clusters = _gmm(real_NxD) if generator == "gmm" else (None, None)
+
+  def draw(m: int, rng) -> np.ndarray:
+    z = rng.standard_normal((m, real_NxD.shape[1]), dtype=np.float32) @ chol_DxD
+    if generator == "kde":
+      return unit_prefix(real_NxD[rng.integers(0, len(real_NxD), m)] + KDE_BANDWIDTH * z)
+    if generator == "gaussian":
+      return unit_prefix(real_NxD.mean(axis=0) + z)
+    draw_j = rng.choice(len(weights), m, p=weights)
     out = np.sqrt(GMM_SHRINK, dtype=np.float32) * z
-    for j in np.unique(draw):
-      rows = np.flatnonzero(draw == j)
+    for j in np.unique(draw_j):
+      rows = np.flatnonzero(draw_j == j)
       mean, centred = clusters[j]
       w = rng.standard_normal((len(rows), len(centred)), dtype=np.float32)
       w *= np.sqrt((1 - GMM_SHRINK) / max(len(centred) - 1, 1), dtype=np.float32)
       out[rows] += mean + w @ centred  # members' combinations: covariance C_j
     return unit_prefix(out)
-  raise ValueError(f"generator {generator!r}: choose from {', '.join(GENERATORS)}")
+  return draw
 
 
 def synthetic(docs_NxD: np.ndarray, n: int, generator: str = "gmm", seed: int = 0,
@@ -176,10 +180,10 @@ def synthetic(docs_NxD: np.ndarray, n: int, generator: str = "gmm", seed: int = 
   out = np.empty((n, real.shape[1]), np.float32)
   out[:len(real)] = real[:n]
   rng = np.random.default_rng(seed)
-  gmm = _gmm(real) if generator == "gmm" and n > len(real) else None
+  draw = sampler(real, generator) if n > len(real) else None
   for a in range(len(real), n, chunk):
     b = min(a + chunk, n)
-    out[a:b] = generated(real, b - a, generator, rng, gmm)
+    out[a:b] = draw(b - a, rng)
   return out
 
 
@@ -194,8 +198,8 @@ def neighbours(queries_QxD: np.ndarray, docs_NxD: np.ndarray, seed: int = 1) -> 
   q, real = unit_prefix(queries_QxD), unit_prefix(docs_NxD)
   rows = []
   for name in ("real corpus",) + GENERATORS:
-    d = real if name == "real corpus" else generated(real, len(real), name,
-                                                     np.random.default_rng(seed))
+    d = real if name == "real corpus" else sampler(real, name)(len(real),
+                                                               np.random.default_rng(seed))
     sims_QxN = q @ d.T
     best = -np.sort(-sims_QxN, axis=1)
     exact = np.argsort(-sims_QxN, axis=1, kind="stable")[:, :10]
@@ -350,19 +354,27 @@ def funnel_quality(model: str, queries, docs, rotate: bool = True,
   return rows
 
 
-def scale(args) -> None:
-  """Each size in its own process (fresh memory, a peak RSS per size), then table and plot."""
+def per_size(args, sizes: str, *flags: str) -> list[dict]:
+  """scale_one for each generator and size (comma-separated), each in its own process (fresh
+  memory, a peak RSS of its own): their JSON results."""
   import json
   import subprocess
   results = []
   for generator in args.generators.split(","):
-    for n in [int(x) for x in args.scale.split(",")]:
+    for n in [int(x) for x in sizes.split(",")]:
       print(f"{n} vectors ({generator}) ...", flush=True)
       out = subprocess.run([sys.executable, __file__, "--size", str(n), "--model", args.model,
-                            "--generator", generator, "--reps", str(args.reps),
-                            "--threads", str(args.threads), "--single", str(args.single)],
+                            "--generator", generator, *flags],
                            check=True, stdout=subprocess.PIPE, text=True)
       results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+  return results
+
+
+def scale(args) -> None:
+  """Each size in its own process (fresh memory, a peak RSS per size), then table and plot."""
+  import json
+  results = per_size(args, args.scale, "--reps", str(args.reps), "--threads", str(args.threads),
+                     "--single", str(args.single))
   for r in results:
     flat = r["rows"][0]
     for row in r["rows"]:
@@ -411,15 +423,7 @@ def quality(args) -> None:
   """--quality: each size and generator in its own process, no timing; writes
   experiments/results/search/scale_quality.{md,json}."""
   import json
-  import subprocess
-  results = []
-  for generator in args.generators.split(","):
-    for n in [int(x) for x in args.quality.split(",")]:
-      print(f"{n} vectors ({generator}), quality ...", flush=True)
-      out = subprocess.run([sys.executable, __file__, "--size", str(n), "--model", args.model,
-                            "--generator", generator, "--quality_only"],
-                           check=True, stdout=subprocess.PIPE, text=True)
-      results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+  results = per_size(args, args.quality, "--quality_only")
   OUT.mkdir(parents=True, exist_ok=True)
   (OUT / "scale_quality.json").write_text(json.dumps({"model": args.model, "sizes": results},
                                                      indent=2) + "\n")

@@ -146,8 +146,8 @@ def applied(adapters: dict, spec: LoraSpec, train: bool = False):
   kernel's weight gradient x^T dy (merging first would: d(W + s A B) is that product). On
   XLA:CPU the rank-r products over all tokens run far below the matmul peak: attention-only
   adapters step at 0.8x full fine-tuning, feed-forward ones at ~1.5x (experiments/README.md,
-  LoRA). Dropout (spec.dropout, train only)
-  draws from the module's "dropout" rng, as the encoder's own dropout does."""
+  LoRA). Dropout (spec.dropout, train only) draws from the module's "dropout" rng, as the
+  encoder's own dropout does."""
   import flax.linen as nn
 
   from embed_jax.models.bert import Projection
@@ -172,8 +172,9 @@ def applied(adapters: dict, spec: LoraSpec, train: bool = False):
   used = set()
   with nn.intercept_methods(interceptor):
     yield
-  if set(adapters) - used:
-    raise LoraError(f"lora: the model applied no adapter at {sorted(set(adapters) - used)[0]!r} "
+  unused = sorted(set(adapters) - used)
+  if unused:
+    raise LoraError(f"lora: the model applied no adapter at {unused[0]!r} "
                     f"(not an nn.Dense or Projection call); adapt another layer")
 
 
