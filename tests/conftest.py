@@ -85,3 +85,17 @@ def store(tmp_path_factory):
   teacher = embed_jax.load(make_tiny_model(root / "teacher", seed=1, hidden_size=48))
   return build_store(teacher, load_beir(str(beir)), ("corpus", "queries"), root / "store",
                      name="tiny48"), beir
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+  """After each test file: drop JAX's compiled executables. Each one holds a few memory maps, and
+  a pytest-xdist worker that runs half the suite in one process otherwise grows towards the
+  kernel's vm.max_map_count (65,530 here), where XLA aborts the worker mid-test. The persistent
+  compilation cache above makes the next file's recompiles cheap."""
+  yield
+  import gc
+  import sys
+  if "jax" in sys.modules:
+    sys.modules["jax"].clear_caches()
+  gc.collect()
