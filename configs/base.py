@@ -192,6 +192,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.lora.dropout = 0.0  # on the adapter input in training (PEFT's lora_dropout; its default 0)
   c.lora.init = "kaiming"  # A as PEFT's default (kaiming-uniform) | gaussian; B starts at 0
   c.lora.rslora = False
+  # Layers whose adapters the train step merges into their kernels (a preset such as "ffn" or a
+  # regex; '' none): the same gradients, faster on XLA:CPU for the feed-forward layers
+  # (experiments/README.md, LoRA); no adapter dropout on them.
+  c.lora.merge_in_step = ""
 
   c.train = ml_collections.ConfigDict()
   c.train.runner = "jit"  # jit (a Mesh with `data` and `fsdp` axes) | pmap

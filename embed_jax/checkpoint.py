@@ -462,8 +462,11 @@ def check_run_config(workdir: Path, config_json: str, fork: bool = False) -> boo
   forked = False
   if saved.exists() and has_run:
     old, new = _flat(json.loads(saved.read_text())), _flat(json.loads(config_json))
+    # A key the saved config lacks, set off (False, 0, '', None) in the new one, is an option
+    # added to the configs since the run was made and left off: it trains the same.
     diff = [k for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k) and not k.startswith(RUN_KEYS)]
+            if old.get(k) != new.get(k) and not k.startswith(RUN_KEYS)
+            and not (k not in old and not new[k])]
     if diff and not fork:
       shown = "; ".join(f"{k}: {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}"
                         for k in diff[:5]) + (f"; and {len(diff) - 5} more" if len(diff) > 5 else "")

@@ -164,9 +164,9 @@ def make_train_step(module: SentenceEncoder, objective: Objective, config: ml_co
                             frozen_mask(params, freeze))
     if spec is None:
       return objective.embed(module, params, groups, rng, train, mask_key, rows)
-    with lora.applied(lora.flat(params["lora"]), spec, train):
-      return objective.embed(module, {k: v for k, v in params.items() if k != "lora"}, groups,
-                             rng, train, mask_key, rows)
+    with lora.trained({k: v for k, v in params.items() if k != "lora"}, lora.flat(params["lora"]),
+                      spec, train) as base:
+      return objective.embed(module, base, groups, rng, train, mask_key, rows)
 
   def loss_from_local_outputs(outputs, inputs, step):
     return objective.loss(_gather(outputs, axis_name), _gather(inputs, axis_name), step)

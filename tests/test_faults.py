@@ -86,6 +86,20 @@ def test_a_resumed_run_refuses_a_changed_config(tiny_beir, tmp_path):
   assert T.train(smoke_config(tiny_beir), tmp_path / "run")["steps"] == 4  # resumes as it was
 
 
+def test_a_run_made_before_an_option_existed_goes_on_while_the_option_is_off(tiny_beir, tmp_path):
+  """A key the saved config.json lacks (added to the configs since) is no difference while the
+  new config leaves it off; set on, it is one."""
+  from tests.test_train import smoke_config
+  from embed_jax import train as T
+  T.train(smoke_config(tiny_beir), tmp_path / "run", stop_after=2)
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  del saved["lora"]["merge_in_step"], saved["lora"]["rslora"]
+  (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match=r"lora.merge_in_step: '\(none\)' -> 'ffn'"):
+    T.train(smoke_config(tiny_beir, **{"lora.merge_in_step": "ffn"}), tmp_path / "run")
+  assert T.train(smoke_config(tiny_beir), tmp_path / "run")["steps"] == 4
+
+
 # ---- outputs that cannot be written: refused before compute, one line naming the path ----
 
 def test_encode_and_eval_refuse_an_unwritable_output_before_loading_anything(

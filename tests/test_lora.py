@@ -22,6 +22,16 @@ def _model(folder):
   return config, params, load_tokenizer(folder)
 
 
+def _adapted(folder):
+  """(config, params, spec, trained-like rank-4 adapters on attention + FFN, ids, mask)."""
+  import jax.numpy as jnp
+  config, params, _ = _model(folder)
+  spec = lora.LoraSpec(target="attention+ffn", r=4, alpha=8)
+  adapters = _trained_like(lora.init_adapters(params, config, spec, jax.random.key(0)))
+  ids = jnp.asarray(np.random.default_rng(0).integers(5, config.vocab_size, (3, 7)))
+  return config, params, spec, adapters, ids, jnp.ones_like(ids)
+
+
 def _trained_like(adapters, seed=1):
   """B moved off zero, as after training (so the adapter changes the outputs)."""
   rng = np.random.default_rng(seed)
@@ -72,15 +82,10 @@ def test_applied_adapters_equal_merged_weights_in_value_and_adapter_gradient(arc
   """Training's unmerged branch (x W + s x A B) against the merged kernel W + s A B: the same
   embeddings and the same gradients w.r.t. A and B; dropout on the adapter input in training
   only."""
-  import jax.numpy as jnp
   from embed_jax.models import SentenceEncoder
-  folder = tiny_model_dir if arch == "bert" else tiny_mpnet_dir
-  config, params, tok = _model(folder)
-  spec = lora.LoraSpec(target="attention+ffn", r=4, alpha=8)
-  adapters = _trained_like(lora.init_adapters(params, config, spec, jax.random.key(0)))
+  config, params, spec, adapters, ids, mask = _adapted(
+      tiny_model_dir if arch == "bert" else tiny_mpnet_dir)
   module = SentenceEncoder(config)
-  ids = jnp.asarray(np.random.default_rng(0).integers(5, config.vocab_size, (3, 7)))
-  mask = jnp.ones_like(ids)
 
   def merged(ad):
     return module.apply({"params": lora.merge(params, ad, spec)}, ids, mask).sum()
@@ -105,6 +110,48 @@ def test_applied_adapters_equal_merged_weights_in_value_and_adapter_gradient(arc
   np.testing.assert_allclose(unmerged(adapters, dropped), unmerged(adapters), atol=1e-6)
   with pytest.raises(lora.LoraError, match="applied no adapter at 'encoder/nowhere'"):
     unmerged({**adapters, "encoder/nowhere": next(iter(adapters.values()))})
+
+
+def test_merging_chosen_adapters_in_the_step_keeps_values_and_gradients(tiny_model_dir):
+  """lora.trained with merge_in_step="ffn": the feed-forward adapters merged into their (frozen)
+  kernels, the attention ones beside them; the same embeddings and A/B gradients as all beside,
+  no gradient to the base; bad patterns and dropout refused."""
+  import jax.numpy as jnp
+  from embed_jax.models import SentenceEncoder
+  config, params, spec, adapters, ids, mask = _adapted(tiny_model_dir)
+  module = SentenceEncoder(config)
+  frozen = jax.lax.stop_gradient
+
+  def loss(p, ad, s):
+    with lora.trained(jax.tree.map(frozen, p), ad, s) as base:
+      out = module.apply({"params": base}, ids, mask)
+    return (out * jnp.arange(out.shape[-1])).sum()
+
+  merged_ffn = dataclasses.replace(spec, merge_in_step="ffn")
+  assert sorted(merged_ffn.merged_in_step(adapters)) == sorted(
+      p for p in adapters if "intermediate" in p or p.endswith("/output/dense")
+      and "attention" not in p)
+  assert len(merged_ffn.merged_in_step(adapters)) == 4
+  with lora.trained(params, adapters, merged_ffn) as base:  # merged there, untouched elsewhere
+    k = "encoder/layer_0/intermediate/dense/kernel"
+    np.testing.assert_allclose(hf._get(base, k), hf._get(lora.merge(params, adapters, spec), k),
+                               atol=1e-6)
+    assert np.abs(hf._get(base, k) - hf._get(params, k)).max() > 1e-3
+    q = "encoder/layer_0/attention/self/query/kernel"
+    np.testing.assert_array_equal(hf._get(base, q), hf._get(params, q))
+    module.apply({"params": base}, ids, mask)  # (an adapter left unapplied is an error)
+  ref, (_, g_ref) = jax.value_and_grad(loss, argnums=(0, 1))(params, adapters, spec)
+  val, (g_base, g) = jax.value_and_grad(loss, argnums=(0, 1))(params, adapters, merged_ffn)
+  np.testing.assert_allclose(val, ref, rtol=1e-5)
+  for path in adapters:
+    for k in ("a", "b"):
+      np.testing.assert_allclose(g[path][k], g_ref[path][k], atol=1e-4, rtol=1e-4)
+  assert np.abs(np.asarray(g["encoder/layer_0/intermediate/dense"]["a"])).max() > 0
+  assert not any(np.asarray(x).any() for x in jax.tree.leaves(g_base))
+  with pytest.raises(lora.LoraError, match="matches no adapted layer"):
+    dataclasses.replace(spec, merge_in_step="pooler/.*").merged_in_step(adapters)
+  with pytest.raises(lora.LoraError, match="set lora.dropout=0"):
+    dataclasses.replace(spec, merge_in_step="ffn", dropout=0.1).merged_in_step(adapters)
 
 
 @pytest.mark.parametrize("arch", ["bert", "mpnet"])
