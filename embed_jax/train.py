@@ -338,7 +338,10 @@ class PmapRunner:
     return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (self.n, *np.shape(x))), state)
 
   def get_state(self, state: TrainState) -> TrainState:
-    return jax.tree.map(lambda x: x[0], state)
+    """The first device's copy, read from its buffer: no computation over the devices (x[0]
+    dispatches a gather across all of them, and with many simulated devices on a loaded CPU that
+    cross-device step is where test workers aborted)."""
+    return jax.tree.map(lambda x: x.addressable_data(0).reshape(x.shape[1:]), state)
 
   def step(self, state, batch):
     shards = jax.tree.map(lambda x: x.reshape(self.n, x.shape[0] // self.n, *x.shape[1:]), batch)

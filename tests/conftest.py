@@ -6,6 +6,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
+# XLA:CPU aborts the process when a collective's devices do not all reach its rendezvous within
+# 40 s. Eight simulated devices share two cores with the other pytest-xdist worker (and whatever
+# else runs), so a pmap step's all-gather can wait longer than that: the "worker crashed" aborts.
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += (" --xla_cpu_collective_call_terminate_timeout_seconds=900"
+                              " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
 
 # One XLA compilation cache for the session (and the CLI subprocesses it starts): the tests build
 # the same train and encode steps in many runs, and a cache hit skips a 10-20 s CPU compile.
