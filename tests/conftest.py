@@ -95,10 +95,11 @@ def store(tmp_path_factory):
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_code():
-  """After each test file: drop JAX's compiled executables. Each one holds a few memory maps, and
-  a pytest-xdist worker that runs half the suite in one process otherwise grows towards the
-  kernel's vm.max_map_count (65,530 here), where XLA aborts the worker mid-test. The persistent
-  compilation cache above makes the next file's recompiles cheap."""
+  """After each test file: drop JAX's compiled executables. Each holds a few memory maps; a
+  worker's count reaches ~10k inside the biggest files and falls back to ~2k after this, instead
+  of accumulating over the half of the suite a pytest-xdist worker runs towards the kernel's
+  vm.max_map_count (65,530 here). The persistent compilation cache above keeps the next file's
+  recompiles cheap."""
   yield
   import gc
   import sys
