@@ -7,7 +7,9 @@ Each training runs in its own process, resumable (runs/lora/<name>; full fine-tu
 configs/scifact_mnrl.py in runs/lora/full). Test nDCG@10 from each run's results.json. Then, in
 one process on the real all-MiniLM-L6-v2: trained parameters and their share, optimiser-state
 bytes and train-step time (best of 3 after compiling, the same batch) of every setting, as ratios
-to full fine-tuning measured in that process; checkpoint bytes from each run's last checkpoint.
+to full fine-tuning measured in that process, and the step of the feed-forward settings with
+those adapters merged into their kernels in the step (`merged`); checkpoint bytes from each run's
+last checkpoint. The step times are cached in runs/lora/speed.json: delete it to measure again.
 Writes experiments/results/lora/{lora.md,lora.json}.
 """
 
