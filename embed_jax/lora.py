@@ -6,6 +6,8 @@ lays them out, so that an adapter trained here loads in PEFT and the reverse.
     merged = merge(params, adapters, spec)          # kernel + alpha / r * A @ B (inference)
     with applied(adapters, spec, train=True):       # training: y = x W + s (dropout(x) A) B
       module.apply({"params": params}, ...)
+    with trained(params, adapters, spec) as base:   # the step: spec.merge_in_step layers merged,
+      module.apply({"params": base}, ...)           # the others applied beside their kernels
     export_peft(adapters, model_config, spec, "runs/adapter", base_model=..., fingerprint=...)
     adapters, spec = import_peft("runs/adapter", model_config)
 
@@ -171,8 +173,8 @@ def applied(adapters: dict, spec: LoraSpec, train: bool = False):
   a step is traced, so the jitted step holds the adapter branch and never forms the frozen
   kernel's weight gradient x^T dy (merging first would: d(W + s A B) is that product). On
   XLA:CPU the rank-r products over all tokens run far below the matmul peak: attention-only
-  adapters step at 0.8x full fine-tuning, feed-forward ones at ~1.5x (experiments/README.md,
-  LoRA). Dropout (spec.dropout, train only) draws from the module's "dropout" rng, as the
+  adapters step at 0.8x full fine-tuning, feed-forward ones at ~1.5x, and at 1.0x when the step
+  merges them instead (`trained`, LoraSpec.merge_in_step; experiments/README.md, LoRA). Dropout (spec.dropout, train only) draws from the module's "dropout" rng, as the
   encoder's own dropout does."""
   import flax.linen as nn
 
