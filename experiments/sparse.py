@@ -12,6 +12,9 @@ in runs/domain/mlm as configs/scifact_splade.py expects):
   splade     configs/scifact_splade.py from the MLM export (MNRL + FLOPS, one hard negative,
              78 steps; the longest: the MLM head's vocabulary logits at every token)
   lexical    configs/scifact_lexical.py (BGE-M3's lexical weights on all-MiniLM-L6-v2)
+Tabulated when present, trained by experiments/rerank_distill.py: splade_bi (SPLADE plus the KL
+to the fine-tuned MPNet bi-encoder's candidate scores, SPLADE's distillation recipe). A model
+whose run folder is absent keeps its rows (and its hybrids') from the committed table, marked.
 Every training holds out 10% of the train queries (data.dev_fraction = 0.1, seed 0): the convex
 fusion weight of each hybrid is tuned on those dev queries, never on test. Each model's run over
 the test and dev queries is cached in its workdir (retrieval.json); BM25 (bm25s) runs in the same
@@ -41,11 +44,20 @@ TRAININGS = {  # name -> (config spec, workdir, overrides), trained in this orde
     "splade": ("scifact_splade", RUNS / "splade", DEV),
     "lexical": ("scifact_lexical", RUNS / "lexical", DEV),
 }
+# Trained by experiments/rerank_distill.py (SPLADE's distillation recipe), tabulated here.
+ELSEWHERE = {"splade_bi": Path("runs/rerank/splade_bi")}
 SINGLE = {"bm25": "BM25 (bm25s, Lucene BM25 k1 1.2 b 0.75, stemmed)",
           "splade": "SPLADE (`scifact_splade.py`), trained",
+          "splade_bi": "SPLADE + KL to the MPNet bi-encoder's candidate scores (`rerank_distill.py`), trained",
           "lexical": "lexical weights (`scifact_lexical.py`), trained",
           "dense": "dense hardneg (`scifact_hardneg.py`, 10% dev held out)"}
-HYBRIDS = (("dense", "bm25"), ("dense", "splade"), ("dense", "lexical"), ("splade", "bm25"))
+HYBRIDS = (("dense", "bm25"), ("dense", "splade"), ("dense", "splade_bi"), ("dense", "lexical"),
+           ("splade", "bm25"), ("splade_bi", "bm25"))
+CARRIED = " (earlier run)"  # rows kept from the committed table: no run folder here
+
+
+def workdir_of(name: str) -> Path:
+  return ELSEWHERE[name] if name in ELSEWHERE else TRAININGS[name][1]
 KEEP = 100  # documents kept per query in the cached runs (fusion reads the top 100 of each)
 
 
@@ -103,15 +115,22 @@ def main():
       subprocess.run([sys.executable, __file__, "--train", name], check=True, cwd=REPO)
   result = {}
   runs = {}
+  committed = json.loads((OUT / "sparse.json").read_text()) if (OUT / "sparse.json").exists() else {}
   for name in SINGLE:
-    if name != "bm25" and not (TRAININGS[name][1] / "export").exists():
-      print(f"{name}: not trained yet; run without --tabulate")
+    if name != "bm25" and not (workdir_of(name) / "export").exists():
+      # A model trained on another machine keeps its committed rows (and its hybrids'), marked.
+      kept = {k: {**v, "label": v["label"].replace(CARRIED, "") + CARRIED}
+              for k, v in committed.items() if isinstance(v, dict) and
+              (k in (name, f"{name}_before") or name in v.get("parts", ()))}
+      result.update(kept)
+      print(f"{name}: not trained on this machine" + ("; its committed rows are kept" if kept else
+                                                      "; run without --tabulate"))
       continue
-    r = retrieval(name, "bm25" if name == "bm25" else TRAININGS[name][1] / "export")
+    r = retrieval(name, "bm25" if name == "bm25" else workdir_of(name) / "export")
     result[name] = {"label": SINGLE[name], **r["row"]}
     runs[name] = r["run"]
     if name != "bm25":
-      workdir = TRAININGS[name][1]
+      workdir = workdir_of(name)
       if (workdir / "results_before.json").exists():
         before = json.loads((workdir / "results_before.json").read_text())["results"][0]
         result[f"{name}_before"] = {"label": SINGLE[name].replace("trained", "before training"),
@@ -119,7 +138,9 @@ def main():
       if (workdir / "wall_clock.json").exists():
         result[name]["train_minutes"] = json.loads((workdir / "wall_clock.json").read_text())["seconds"] / 60
   result.update(hybrids(runs))
-  write(result)
+  # single models first, then the hybrids (carried ones among them)
+  write({k: v for k, v in result.items() if "parts" not in v}
+        | {k: v for k, v in result.items() if "parts" in v})
 
 
 def hybrids(runs: dict) -> dict:
@@ -166,12 +187,17 @@ def write(result: dict) -> None:
     fmt = lambda x, f: "" if x is None else format(x, f)  # noqa: E731
     lines.append(f"| {r['label']} | {m['ndcg@10']:.4f} | {m['recall@100']:.4f} | {fmt(nnz_d, ',.0f')} "
                  f"| {fmt(nnz_q, ',.0f')} | {fmt(b, ',.0f')} | {fmt(ms, '.2f')} |")
+  if any(CARRIED in r["label"] for r in rows.values()):
+    lines += ["", f"Rows marked{CARRIED} are kept from the committed table: their run folders "
+              "are not on the machine that wrote this one (their ms/query are that run's)."]
   singles = {k: r for k, r in rows.items() if k in SINGLE}
   fused = {k: r for k, r in rows.items() if "parts" in r}
   lines.append("")
-  if "splade" in singles and "bm25" in singles:
-    d = singles["splade"]["metrics"]["ndcg@10"] - singles["bm25"]["metrics"]["ndcg@10"]
-    lines.append(f"- SPLADE against BM25: {d:+.4f} nDCG@10 ({'beats it' if d > 0 else 'target missed'}).")
+  for name in ("splade", "splade_bi"):
+    if name in singles and "bm25" in singles:
+      d = singles[name]["metrics"]["ndcg@10"] - singles["bm25"]["metrics"]["ndcg@10"]
+      lines.append(f"- {singles[name]['label']} against BM25: {d:+.4f} nDCG@10 "
+                   f"({'beats it' if d > 0 else 'target missed'}).")
   if singles and fused:
     best_single = max(singles, key=lambda k: singles[k]["metrics"]["ndcg@10"])
     best_fused = max(fused, key=lambda k: fused[k]["metrics"]["ndcg@10"])
