@@ -6,10 +6,10 @@
 Variants: r4 | r16 (default) | r64 (the rank), ffn (attention and feed-forward layers; default:
 attention only), hi (learning rate 2e-3: Biderman et al. 2024 advise the highest stable rate and
 all layers; at 5e-4 the 87-step runs under-fit), merged (the train step merges the feed-forward
-adapters into their kernels: the same gradients, a faster step on XLA:CPU), smoke. alpha = 2 r (PEFT-style scale 2 at every
-rank); the default learning rate is 10x full fine-tuning's, as LoRA papers use (Hu et al.: 5e-4
-to 4e-4 on RoBERTa-base). Target:
-within 0.010 of full fine-tuning (0.7169) with <= 3% of the parameters trained. The run writes
+adapters into their kernels: the same gradients, a faster step than beside them on XLA:CPU),
+smoke. alpha = 2 r (PEFT-style scale 2 at every rank); the default learning rate is 10x full
+fine-tuning's, as LoRA papers use (Hu et al.: 5e-4 to 4e-4 on RoBERTa-base). Target: within
+0.010 of full fine-tuning (0.7169) with <= 3% of the parameters trained. The run writes
 <workdir>/adapter (a PEFT folder for the base) beside the merged <workdir>/export.
 """
 

@@ -80,11 +80,7 @@ class LoraSpec:
     selects none of them or asks for adapter dropout there."""
     if not self.merge_in_step:
       return []
-    pattern = PRESETS.get(self.merge_in_step, self.merge_in_step)
-    try:
-      rx = re.compile(pattern)
-    except re.error as e:
-      raise LoraError(f"lora merge_in_step {self.merge_in_step!r} is not a valid regex ({e})") from None
+    rx = _layer_regex("merge_in_step", self.merge_in_step)
     chosen = [p for p in adapters if rx.fullmatch(p)]
     if not chosen:
       raise LoraError(f"lora merge_in_step {self.merge_in_step!r} matches no adapted layer (they "
@@ -104,14 +100,18 @@ def dense_layers(model_config) -> dict[str, str]:
           if e.transpose and e.flax.endswith("/kernel")}
 
 
+def _layer_regex(option: str, value: str) -> re.Pattern:
+  """lora.<option>'s layer-path regex: a preset's or its own; refused when it does not compile."""
+  try:
+    return re.compile(PRESETS.get(value, value))
+  except re.error as e:
+    raise LoraError(f"lora {option} {value!r} is not a valid regex ({e})") from None
+
+
 def targets(params, model_config, target: str) -> list[str]:
   """The layer paths `target` (a preset or a regex, full match) selects; refused when it selects
   nothing or a parameter that is not a Dense layer's."""
-  pattern = PRESETS.get(target, target)
-  try:
-    rx = re.compile(pattern)
-  except re.error as e:
-    raise LoraError(f"lora target {target!r} is not a valid regex ({e})") from None
+  rx = _layer_regex("target", target)
   layers = dense_layers(model_config)
   from embed_jax.optim import param_path
   names = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
@@ -174,8 +174,9 @@ def applied(adapters: dict, spec: LoraSpec, train: bool = False):
   kernel's weight gradient x^T dy (merging first would: d(W + s A B) is that product). On
   XLA:CPU the rank-r products over all tokens run far below the matmul peak: attention-only
   adapters step at 0.8x full fine-tuning, feed-forward ones at ~1.5x, and at 1.0x when the step
-  merges them instead (`trained`, LoraSpec.merge_in_step; experiments/README.md, LoRA). Dropout (spec.dropout, train only) draws from the module's "dropout" rng, as the
-  encoder's own dropout does."""
+  merges them instead (`trained`, LoraSpec.merge_in_step; experiments/README.md, LoRA). Dropout
+  (spec.dropout, train only) draws from the module's "dropout" rng, as the encoder's own
+  dropout does."""
   import flax.linen as nn
 
   from embed_jax.models.bert import Projection

@@ -512,6 +512,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if not config.optim.freeze:
       config = ml_collections.ConfigDict(config.to_dict())  # this run's copy
       config.optim.freeze = "encoder/.*"
+    spec.merged_in_step(lora.flat(params["lora"]))  # a bad merge_in_step: refused before compiling
     log.info("LoRA r=%d on %d layers: %d trainable adapter parameters", spec.r,
              len(lora.flat(params["lora"])), lora.count(lora.flat(params["lora"])))
   applied = lambda p: lora.materialised(p, spec)  # noqa: E731  (what evaluators and exports see)

@@ -36,13 +36,14 @@ SETTINGS = {"full": "scifact_mnrl",
                for r in (16, 4, 64) for s in ("", "_ffn")},
             **{f"r{r}{s}": f"scifact_lora:r{r}{',ffn' if s else ''}"
                for r in (16, 4, 64) for s in ("", "_ffn")}}
-
-
-# Each setting's twin at the default rate (the same step, the same memory).
-SETTINGS_BASE = {n: n.removesuffix("_hi") for n in SETTINGS}
 # Step time only: the feed-forward adapters merged into their kernels inside the step
 # (lora.merge_in_step), which computes the same values and gradients as the branch beside them.
 MERGED = {f"r{r}_ffn_merged": f"scifact_lora:r{r},ffn,merged" for r in (16, 4, 64)}
+
+
+def same_cost(name: str) -> str:
+  """The settings that differ only in learning rate share this key: the same step and memory."""
+  return name.removesuffix("_hi")
 
 
 def speed(reps: int = 3) -> dict:
@@ -60,7 +61,7 @@ def speed(reps: int = 3) -> dict:
   out = {}
   batch = None
   for name, spec in {**SETTINGS, **MERGED}.items():
-    twin = next((n for n in out if SETTINGS_BASE.get(n, n) == SETTINGS_BASE.get(name, name)), None)
+    twin = next((n for n in out if same_cost(n) == same_cost(name)), None)
     if twin:  # the learning rate changes no cost
       out[name] = dict(out[twin])
       continue
@@ -127,8 +128,7 @@ def main():
   for name in SETTINGS:
     res = RUNS / name / "results.json"
     ndcg = json.loads(res.read_text())["results"][0]["metrics"]["ndcg@10"] if res.exists() else None
-    s = speeds.get(name) or next(v for n, v in speeds.items()  # the rate changes no cost
-                                 if SETTINGS_BASE.get(n, n) == SETTINGS_BASE[name])
+    s = speeds[name]
     clock = RUNS / name / "wall_clock.json"
     rows[name] = {"config": SETTINGS[name], "ndcg@10": ndcg, "trained_share": s["trained"] / s["total"],
                   "trained": s["trained"], "opt_state_ratio": s["opt_state_bytes"] / full["opt_state_bytes"],

@@ -54,11 +54,11 @@ SINGLE = {"bm25": "BM25 (bm25s, Lucene BM25 k1 1.2 b 0.75, stemmed)",
 HYBRIDS = (("dense", "bm25"), ("dense", "splade"), ("dense", "splade_bi"), ("dense", "lexical"),
            ("splade", "bm25"), ("splade_bi", "bm25"))
 CARRIED = " (earlier run)"  # rows kept from the committed table: no run folder here
+KEEP = 100  # documents kept per query in the cached runs (fusion reads the top 100 of each)
 
 
 def workdir_of(name: str) -> Path:
   return ELSEWHERE[name] if name in ELSEWHERE else TRAININGS[name][1]
-KEEP = 100  # documents kept per query in the cached runs (fusion reads the top 100 of each)
 
 
 def dev_and_test():
