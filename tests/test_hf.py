@@ -129,6 +129,37 @@ def test_task_model_prefix_is_stripped(tiny_model_dir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, ref)
 
 
+def test_tensorflow_era_layernorm_names_load_as_transformers_loads_them(tiny_model_dir, tmp_path):
+  """BERT checkpoints converted from TensorFlow name LayerNorm's tensors gamma and beta."""
+  d = _copy(tiny_model_dir, tmp_path / "m")
+  state = load_file(str(d / "model.safetensors"))
+  renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+             for k, v in state.items()}
+  assert sum(k.endswith(".gamma") for k in renamed) >= 5  # embeddings + 2 per layer
+  save_file(renamed, str(d / "model.safetensors"))
+  _, params = hf.load(d)
+  _, ref = hf.load(tiny_model_dir)
+  jax.tree.map(np.testing.assert_array_equal, params, ref)
+
+
+def test_a_packaged_model_is_found_without_importing_its_package(tmp_path, monkeypatch):
+  """A package whose import would fail (or pull in torch) still lends its model folder."""
+  pkg = tmp_path / "lends_a_model"
+  (pkg / "model").mkdir(parents=True)
+  (pkg / "__init__.py").write_text("raise RuntimeError('imported')\n")
+  (pkg / "model" / "config.json").write_text("{}")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setitem(hf.PACKAGED_MODELS, "org/lent-model",
+                      ("lends_a_model", "model", "pip install lends-a-model"))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+  assert hf.resolve("org/lent-model") == (pkg / "model").resolve()
+  monkeypatch.setitem(hf.PACKAGED_MODELS, "org/absent-model",
+                      ("no_such_package_here", "model", "pip install absent-model"))
+  with pytest.raises(FileNotFoundError, match=r"`pip install absent-model` installs an offline"):
+    hf.resolve("org/absent-model")
+
+
 def test_hub_id_offline(monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
