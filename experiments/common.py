@@ -88,10 +88,15 @@ def plot_ndcg_vs_bytes(points, path: Path, xlabel: str = "bytes per document (lo
     print("matplotlib missing (pip install -e .[plots]): no plot")
     return
   import re
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for label, x, y, marker in points:
-    ax.scatter(x, y, label=re.sub(r" \(`[^`]*`[^)]*\)", "", label), marker=marker)
-  ax.legend(fontsize=7 if len(points) < 10 else 6, loc=legend)
+  outside = legend == "outside"  # many points: the legend beside the axes, not over them
+  fig, ax = plt.subplots(figsize=(12, 5) if outside else (7, 4.5))
+  for i, (label, x, y, marker) in enumerate(points):
+    ax.scatter(x, y, label=re.sub(r" \(`[^`]*`[^)]*\)", "", label), marker=marker,
+               color=plt.cm.tab20(i % 20) if outside else None)
+  if outside:
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  else:
+    ax.legend(fontsize=7 if len(points) < 10 else 6, loc=legend)
   ax.set_xscale("log")
   ax.set_xlabel(xlabel)
   ax.set_ylabel("SciFact test nDCG@10")
