@@ -208,7 +208,8 @@ def write(result: dict) -> None:
                  f"| {fmt(r.get('dev_ndcg@10'), '.4f')} |")
   if any(CARRIED in r["label"] for r in rows.values()):
     lines += ["", f"Rows marked{CARRIED} are kept from the committed table: their run folders "
-              "are not on the machine that wrote this one (their ms/query are that run's)."]
+              "are not on the machine that wrote this one (a single model's ms/query is that run's; "
+              "a hybrid's, like every hybrid's, is the sum of its parts' in this table)."]
   singles = {k: r for k, r in rows.items() if k in SINGLE}
   fused = {k: r for k, r in rows.items() if "parts" in r}
   lines.append("")
