@@ -96,6 +96,8 @@ def _as_sparse_encoder(bare: Path, out: Path) -> Path:
     for name, value in files.items():
       (tmp / name).parent.mkdir(exist_ok=True)
       (tmp / name).write_text(json.dumps(value, indent=2) + "\n")
+    if stamp.is_file() and _read_json(stamp).get("sha256") == digest:
+      return out  # another process laid it out meanwhile
     old = None
     if out.exists():  # stale or half-made by hand: set aside, then removed
       old = out.parent / f".{out.name}.old-{os.getpid()}"
