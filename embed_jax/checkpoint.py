@@ -211,11 +211,9 @@ def _write_sparse(tmp: Path, params, config: ModelConfig, tokenizer, base_model:
              if not k.startswith("pooler.")}  # BertForMaskedLM has no pooler
     state.update(hf.mlm_head_state(params, config))
     config_json.update(architectures=["BertForMaskedLM"], tie_word_embeddings=True)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": hf.ST_MLM},
-               {"idx": 1, "name": "1", "path": "1_SpladePooling", "type": hf.ST_SPLADE}]
-    _write_json(tmp / "1_SpladePooling" / "config.json", {
-        "pooling_strategy": head.pooling, "activation_function": head.activation,
-        "word_embedding_dimension": config.vocab_size})
+    files = hf.splade_module_files(head.pooling, head.activation, config.vocab_size)
+    modules = files["modules.json"]
+    _write_json(tmp / "1_SpladePooling" / "config.json", files["1_SpladePooling/config.json"])
     extra = {}
   else:
     state = hf.params_to_state_dict(params, config)

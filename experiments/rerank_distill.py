@@ -57,6 +57,15 @@ def student(teacher: str, drop: bool) -> list[str]:
                 f"--config.distill.drop_false_negatives={drop}"]
 
 
+def splade_student(teacher: str, *extra: str) -> list[str]:
+  """student()'s overrides for a SPLADE model: its scores are sparse dot products (MNRL scale 1),
+  so the student's temperature is 1; the teacher's is its own (a bi-encoder's cosines / 0.05)."""
+  t_temp = 1.0 if teacher == "ce" else 0.05
+  return ([o for o in student(teacher, False) if "temperature" not in o]
+          + ["--config.distill.temperature=1.0", f"--config.distill.teacher_temperature={t_temp}",
+             "--config.evals.test.at_start=False", *extra])
+
+
 TRAININGS = {  # name -> (config spec, workdir, overrides)
     "dense": ("scifact_hardneg", Path("runs/sparse/dense_hardneg"),
               DEV + ["--config.data.mine.enabled=False"]),
@@ -69,23 +78,14 @@ TRAININGS = {  # name -> (config spec, workdir, overrides)
     "student_bi_fn": ("scifact_hardneg", RUNS / "student_bi_fn", student("bi", True)),
     # SPLADE (issue #17's recipe) plus the cross-encoder's candidate KL: SPLADE's distillation.
     # Its student scores are sparse dot products (MNRL scale 1): temperatures 1.
-    "splade_ce": ("scifact_splade", RUNS / "splade_ce",
-                  [o for o in student("ce", False) if "temperature" not in o]
-                  + ["--config.distill.temperature=1.0", "--config.distill.teacher_temperature=1.0",
-                     "--config.evals.test.at_start=False"]),  # its start is in experiments/sparse.py
+    "splade_ce": ("scifact_splade", RUNS / "splade_ce", splade_student("ce")),  # start: sparse.py
     "mlm": ("scifact_mlm", Path("runs/domain/mlm"), []),  # SPLADE's start (experiments/sparse.py)
     # The same from the MPNet bi-encoder's cosines (scaled as its training scaled them).
-    "splade_bi": ("scifact_splade", RUNS / "splade_bi",
-                  [o for o in student("bi", False) if "temperature" not in o]
-                  + ["--config.distill.temperature=1.0", "--config.distill.teacher_temperature=0.05",
-                     "--config.evals.test.at_start=False"]),
+    "splade_bi": ("scifact_splade", RUNS / "splade_bi", splade_student("bi")),
     # The same from a SPLADE already trained on MS MARCO (rasyosef/splade-tiny), at the learning
     # rate the dev queries picked for it without distillation (experiments/sparse.py).
     "splade_tiny_bi": ("scifact_splade:tiny", RUNS / "splade_tiny_bi",
-                       [o for o in student("bi", False) if "temperature" not in o]
-                       + ["--config.distill.temperature=1.0",
-                          "--config.distill.teacher_temperature=0.05",
-                          "--config.evals.test.at_start=False", "--config.optim.lr=5e-4"]),
+                       splade_student("bi", "--config.optim.lr=5e-4")),
 }
 # The bi-encoder teacher first: it is the cheaper teacher (one MPNet training) and unblocks the
 # students and SPLADE's distillation; the cross-encoders follow.
