@@ -13,14 +13,16 @@ Stages, each resumable, each training in its own process (runs/rerank/<name>):
   ce_mpnet    configs/scifact_reranker.py:mpnet: the same from all-mpnet-base-v2
   mpnet_bi    configs/scifact_mpnet_mnrl.py: the fine-tuned MPNet bi-encoder (a teacher)
   scores_ce   `embed-jax teacher --scores` of the better cross-encoder on dev (runs/teachers/)
-  scores_bi   the same for the MPNet bi-encoder (cosines)
+  scores_bi   the same for the MPNet bi-encoder (cosines); scores_dense: for dense hardneg
   student_*   configs/scifact_hardneg.py + 3 negatives per pair from the 15-per-query file + the
               teacher's candidate KL (ce | bi), `_fn`: false negatives dropped by the teacher
   mlm         configs/scifact_mlm.py (runs/domain/mlm, shared with experiments/sparse.py): the
               MLM-adapted MiniLM that SPLADE starts from
   splade_ce   configs/scifact_splade.py with the same negatives and the cross-encoder's KL
               (SPLADE's distillation recipe, issue #17); splade_bi: the bi-encoder's KL;
-              splade_tiny_bi: the same from rasyosef/splade-tiny (configs/scifact_splade.py:tiny)
+              splade_tiny_bi: the same from rasyosef/splade-tiny (configs/scifact_splade.py:tiny);
+              splade_tiny_dense: the same with the dense hardneg MiniLM as the teacher (a teacher
+              one 15-minute training away, where the MPNet one is 45 minutes and its scores 10)
 Every training holds out 10% of the train queries (data.dev_fraction = 0.1, seed 0): the better
 teacher is picked on them, never on test. Times are part of the result: run on an idle machine.
 """
@@ -48,7 +50,8 @@ TOP = 100  # documents re-ranked per query
 def student(teacher: str, drop: bool) -> list[str]:
   """The hardneg recipe plus candidate distillation from a score store."""
   store = f"runs/teachers/scifact_{teacher}_scores"
-  # A cross-encoder's logits as they are; a bi-encoder's cosines scaled as the student's (/ 0.05).
+  # A cross-encoder's logits as they are; a bi-encoder's (bi: MPNet, dense: MiniLM hardneg)
+  # cosines scaled as its training scaled them (/ 0.05).
   t_temp = 1.0 if teacher == "ce" else 0.05
   return DEV + [f"--config.data.negatives={NEGATIVES}", "--config.data.mine.enabled=False",
                 "--config.data.num_negatives=3", f"--config.distill.score_store={store}",
@@ -86,11 +89,14 @@ TRAININGS = {  # name -> (config spec, workdir, overrides)
     # rate the dev queries picked for it without distillation (experiments/sparse.py).
     "splade_tiny_bi": ("scifact_splade:tiny", RUNS / "splade_tiny_bi",
                        splade_student("bi", "--config.optim.lr=5e-4")),
+    # The same with the dense hardneg MiniLM's cosines as the teacher's scores.
+    "splade_tiny_dense": ("scifact_splade:tiny", RUNS / "splade_tiny_dense",
+                          splade_student("dense", "--config.optim.lr=5e-4")),
 }
 # The bi-encoder teacher first: it is the cheaper teacher (one MPNet training) and unblocks the
 # students and SPLADE's distillation; the cross-encoders follow.
-ORDER = ["dense", "mpnet_bi", "scores_bi", "student_bi", "student_bi_fn", "mlm", "splade_bi",
-         "splade_tiny_bi", "ce_minilm", "ce_mpnet", "scores_ce", "student_ce", "student_ce_fn", "splade_ce"]
+ORDER = ["dense", "scores_dense", "splade_tiny_dense", "mpnet_bi", "scores_bi", "student_bi",
+         "student_bi_fn", "mlm", "splade_bi", "splade_tiny_bi", "ce_minilm", "ce_mpnet", "scores_ce", "student_ce", "student_ce_fn", "splade_ce"]
 FIRST_STAGES = {"zero-shot": "sentence-transformers/all-MiniLM-L6-v2", "bm25": "bm25",
                 "hardneg": "runs/sparse/dense_hardneg/export"}
 
@@ -146,7 +152,8 @@ def better_cross_encoder() -> str:
 
 def score_store(kind: str) -> None:
   out = Path(f"runs/teachers/scifact_{kind}_scores")
-  model = (TRAININGS[better_cross_encoder()][1] if kind == "ce" else TRAININGS["mpnet_bi"][1]) / "export"
+  teacher = {"ce": better_cross_encoder(), "bi": "mpnet_bi", "dense": "dense"}[kind]
+  model = TRAININGS[teacher][1] / "export"
   t = time.perf_counter()
   subprocess.run([sys.executable, "-m", "embed_jax.cli", "teacher", "--scores", "--model", str(model),
                   "--negatives", NEGATIVES, "--out", str(out), "--batch_size", "64"],
@@ -219,7 +226,7 @@ def tabulate() -> dict:
         r = reranked(name, ce)
         add(f"{name}+{ce}", r, f"{name} + {ce} (top {TOP})", train_minutes=minutes(TRAININGS[ce][1]))
   for name in ("mpnet_bi", "student_ce", "student_ce_fn", "student_bi", "student_bi_fn", "splade_ce",
-               "splade_bi", "splade_tiny_bi"):
+               "splade_bi", "splade_tiny_bi", "splade_tiny_dense"):
     workdir = TRAININGS[name][1]
     if (workdir / "export").exists():
       from embed_jax.rerank import first_stage as fs
