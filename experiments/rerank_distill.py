@@ -152,7 +152,7 @@ def better_cross_encoder() -> str:
 
 def score_store(kind: str) -> None:
   out = Path(f"runs/teachers/scifact_{kind}_scores")
-  teacher = {"ce": better_cross_encoder(), "bi": "mpnet_bi", "dense": "dense"}[kind]
+  teacher = better_cross_encoder() if kind == "ce" else {"bi": "mpnet_bi", "dense": "dense"}[kind]
   model = TRAININGS[teacher][1] / "export"
   t = time.perf_counter()
   subprocess.run([sys.executable, "-m", "embed_jax.cli", "teacher", "--scores", "--model", str(model),
