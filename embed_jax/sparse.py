@@ -107,6 +107,24 @@ def prune(x_NxV, k: int):
                        shape=x.shape, dtype=np.float32)
 
 
+def corpus_idf(tokenizer, model_config, texts: Sequence[str], vocab_size: int) -> np.ndarray:
+  """float32 [V]: BM25's (Lucene's) idf, log(1 + (N - df + 0.5) / (df + 0.5)), of each
+  vocabulary term over a corpus as the model's tokenizer splits it (special tokens not counted;
+  a term in no document gets the largest value). Multiplying the query vectors by it (or a power
+  of it: InvertedIndex(term_weights=...)) is the IDF weighting of Iida & Okazaki (2022) for
+  SPLADE in a new domain: terms rare in the target corpus weigh more than the training corpus
+  taught."""
+  from embed_jax.embedder import tokenize_texts
+  check_texts(texts)
+  df_V = np.zeros(vocab_size, np.int64)
+  for start in range(0, len(texts), 1024):
+    for ids in tokenize_texts(tokenizer, model_config, list(texts[start:start + 1024]), 0,
+                              special=False):
+      df_V[np.unique(np.asarray(ids, np.int64))] += 1
+  n = len(texts)
+  return np.log1p((n - df_V + 0.5) / (df_V + 0.5)).astype(np.float32)
+
+
 def vocab_fingerprint(tokenizer) -> str:
   """sha256 of a tokenizer's vocabulary (token -> id): which vocabulary a sparse vector's
   columns mean."""
@@ -124,10 +142,14 @@ class InvertedIndex:
   pruning of the query and document vectors. Bytes per document: a 4-byte document id and a
   4-byte float32 weight per posting."""
 
-  def __init__(self, query_top_k: int = 0, document_top_k: int = 0, vocab: str = ""):
+  def __init__(self, query_top_k: int = 0, document_top_k: int = 0, vocab: str = "",
+               term_weights=None):
     self.query_top_k, self.document_top_k, self.vocab = query_top_k, document_top_k, vocab
+    # [V] multiplying each query's weights after pruning (corpus_idf(...) ** alpha): None, none.
+    self.term_weights = None if term_weights is None else np.asarray(term_weights, np.float32)
     self.name = "sparse" + (f"+top{query_top_k}/{document_top_k}"
-                            if query_top_k or document_top_k else "")
+                            if query_top_k or document_top_k else "") + (
+                                "+weighted" if term_weights is not None else "")
     self.query_stats: dict = {}
 
   def index(self, docs_NxV) -> None:
@@ -154,6 +176,12 @@ class InvertedIndex:
                        f"was built over {self.vocab_size}: encode queries and documents with the "
                        f"same model (tokenizer)")
     q = prune(queries_QxV, self.query_top_k)
+    if self.term_weights is not None:
+      if self.term_weights.shape != (self.vocab_size,):
+        raise ValueError(f"term_weights has shape {self.term_weights.shape} but the index has "
+                         f"{self.vocab_size} vocabulary columns: compute them with the same "
+                         f"tokenizer (corpus_idf)")
+      q = q.multiply(self.term_weights[None, :]).tocsr().astype(np.float32)
     q.eliminate_zeros()
     q_nnz_Q = np.diff(q.indptr)
     zero = int((q_nnz_Q == 0).sum())

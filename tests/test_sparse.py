@@ -249,6 +249,35 @@ def test_zero_vectors_are_counted_and_a_vocabulary_mismatch_is_refused():
     index.search(_random_sparse(2, 99, 0.1, 5), 3)
 
 
+def test_corpus_idf_is_bm25s_idf_and_weights_the_queries(splade_folder):
+  import embed_jax
+  from embed_jax.sparse import InvertedIndex, corpus_idf
+  model = embed_jax.load(splade_folder)
+  corpus = ["Cell protein", "cell gene cancer cell", "the cell in a mouse"]
+  idf = corpus_idf(model.tokenizer, model.config, corpus, model.config.vocab_size)
+  (cell,), (gene,) = (model.tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("cell", "gene"))
+  assert idf[cell] == pytest.approx(np.log1p(0.5 / 3.5))  # in all 3 documents, counted once each
+  assert idf[gene] == pytest.approx(np.log1p(2.5 / 1.5))  # in one
+  assert idf[model.tokenizer.cls_token_id] == pytest.approx(np.log1p(3.5 / 0.5))  # in none
+  assert idf.shape == (model.config.vocab_size,) and idf.dtype == np.float32
+  with pytest.raises(ValueError, match="empty"):
+    corpus_idf(model.tokenizer, model.config, ["a", " "], model.config.vocab_size)
+  docs, queries = _random_sparse(200, 400, 0.05, 6), _random_sparse(10, 400, 0.03, 7)
+  w = np.random.default_rng(8).uniform(0.1, 3.0, 400).astype(np.float32)
+  weighted, plain = InvertedIndex(term_weights=w), InvertedIndex()
+  weighted.index(docs)
+  plain.index(docs)
+  s_w, i_w = weighted.search(queries, 5)
+  s_p, i_p = plain.search(queries.multiply(w[None, :]).tocsr(), 5)
+  np.testing.assert_allclose(s_w, s_p, rtol=1e-6)
+  assert (i_w == i_p).all() and weighted.name == "sparse+weighted"
+  assert not np.allclose(s_w, plain.search(queries, 5)[0])  # the weights change the scores
+  short = InvertedIndex(term_weights=w[:10])
+  short.index(docs)
+  with pytest.raises(ValueError, match="term_weights has shape"):
+    short.search(queries, 5)
+
+
 def test_a_saved_index_searches_the_same_and_refuses_another_vocabulary(splade_folder, tmp_path):
   import embed_jax
   from embed_jax.representations import of_model
