@@ -111,6 +111,7 @@ def retrieval(name: str, model_path) -> dict:
   row["dev_ndcg@10"] = ir_metrics(dev, {q: run[q] for q in dev}, (10,))["ndcg@10"]
   result = {"row": row, "settings": out["settings"], "run": run}
   cache.parent.mkdir(parents=True, exist_ok=True)
+  cache.parent.mkdir(parents=True, exist_ok=True)
   cache.write_text(json.dumps(result) + "\n")
   return result
 
@@ -118,11 +119,10 @@ def retrieval(name: str, model_path) -> dict:
 IDF_POWERS = (0.0, 0.5, 1.0)  # alpha of the query weighting corpus_idf ** alpha; 0: none
 
 
-def idf_weighted(name: str, model_path) -> dict:
+def idf_weighted(model_path, cache: Path) -> dict:
   """A SPLADE model's queries weighted by the SciFact corpus's idf ** alpha (Iida & Okazaki
   2022), alpha picked on the dev queries among IDF_POWERS; the picked one's test metrics and
-  every alpha's dev nDCG@10, cached in its workdir (idf.json)."""
-  cache = Path(model_path).parent / "idf.json"
+  every alpha's dev nDCG@10, cached (idf.json in its workdir)."""
   if cache.exists():
     return json.loads(cache.read_text())
   import embed_jax
@@ -197,13 +197,21 @@ def main():
                                     **before}
       if (workdir / "wall_clock.json").exists():
         result[name]["train_minutes"] = json.loads((workdir / "wall_clock.json").read_text())["seconds"] / 60
-  for name in [n for n in SPLADES if n in runs]:  # each SPLADE trained here, IDF-weighted
-    r = idf_weighted(name, workdir_of(name) / "export")
+  # Each SPLADE trained here, and splade-tiny before training, with IDF-weighted queries.
+  idf_of = {n: (workdir_of(n) / "export", workdir_of(n) / "idf.json") for n in SPLADES if n in runs}
+  idf_of["splade_tiny_zeroshot"] = ("rasyosef/splade-tiny", RUNS / "splade_tiny_zeroshot" / "idf.json")
+  for name, (path, cache) in idf_of.items():
+    r = idf_weighted(path, cache)
+    if name in result:
+      result[name]["idf_dev_by_alpha"] = r["dev_by_alpha"]
+    if not r["alpha"]:  # the dev queries pick no weighting: the model's own row is the result
+      continue
+    label = SINGLE[name] if name in SINGLE else "splade-tiny (rasyosef/splade-tiny), before training"
     result[f"{name}_idf"] = {
-        "label": f"{SINGLE[name]}; queries x corpus idf^{r['alpha']:g} (Iida & Okazaki 2022; "
+        "label": f"{label}; queries x corpus idf^{r['alpha']:g} (Iida & Okazaki 2022; "
                  f"alpha of {', '.join(f'{a:g}' for a in IDF_POWERS)} picked on dev)",
         "metrics": r["metrics"], "dev_ndcg@10": r["dev_ndcg@10"], "idf_dev_by_alpha": r["dev_by_alpha"],
-        **{k: result[name].get(k) for k in ("nnz_per_doc", "nnz_per_query", "bytes_per_doc")}}
+        **{k: result.get(name, {}).get(k) for k in ("nnz_per_doc", "nnz_per_query", "bytes_per_doc")}}
   result.update(hybrids(runs))
   # single models first, then the hybrids (carried ones among them)
   write({k: v for k, v in result.items() if "parts" not in v}
@@ -269,6 +277,12 @@ def write(result: dict) -> None:
       d = singles[name]["metrics"]["ndcg@10"] - singles["bm25"]["metrics"]["ndcg@10"]
       lines.append(f"- {singles[name]['label']} against BM25: {d:+.4f} nDCG@10 "
                    f"({'beats it' if d > 0 else 'target missed'}).")
+  for k, r in rows.items():
+    if "idf_dev_by_alpha" in r:
+      by = ", ".join(f"{float(a):g}: {v:.4f}" for a, v in r["idf_dev_by_alpha"].items())
+      picked = k.endswith("_idf") or f"{k}_idf" in rows
+      lines.append(f"- {r['label'].split(';')[0]}: dev nDCG@10 by the power of the corpus idf on "
+                   f"its queries ({by}): {'its weighted row above' if picked else 'no weighting picked'}.")
   tiny = [k for k in ("splade_tiny", "splade_tiny_hi", "splade_tiny_5e4", "splade_tiny_1e3")
           if k in singles]
   if len(tiny) > 1:
