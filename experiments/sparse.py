@@ -17,8 +17,12 @@ in runs/domain/mlm as configs/scifact_splade.py expects):
   splade_tiny_hi  the same at learning rate 2e-4; splade_tiny_5e4 at 5e-4; splade_tiny_1e3 at 1e-3
 Tabulated when present, trained by experiments/rerank_distill.py: splade_bi and splade_tiny_bi
 (SPLADE, from each start, plus the KL to the fine-tuned MPNet bi-encoder's candidate scores,
-SPLADE's distillation recipe), splade_tiny_dense (the same with dense hardneg as the teacher). A model whose run folder is absent keeps its rows (and its
-hybrids') from the committed table, marked.
+SPLADE's distillation recipe), splade_tiny_dense (the same from splade-tiny with the dense hardneg
+model as the teacher: `python experiments/rerank_distill.py --only dense,scores_dense,splade_tiny_dense`).
+A model whose run folder is absent keeps its rows (and its hybrids') from the committed table,
+marked. Each SPLADE trained here, and splade-tiny before training, is also searched with its
+queries weighted by the corpus's idf ** alpha (Iida & Okazaki 2022), alpha picked on dev
+(idf.json in its workdir); a weighted row appears where the dev queries pick a weighting.
 Every training holds out 10% of the train queries (data.dev_fraction = 0.1, seed 0): the convex
 fusion weight of each hybrid is tuned on those dev queries, never on test. Each model's run over
 the test and dev queries is cached in its workdir (retrieval.json); BM25 (bm25s) runs in the same
