@@ -76,6 +76,16 @@ def metrics_at_dims(workdir: str | os.PathLike, dims, dataset: str = "scifact") 
   return {d: have[d] for d in dims}
 
 
+def cached(path: Path, compute):
+  """The JSON at `path`, or compute() written there (its folder made) and returned."""
+  if path.exists():
+    return json.loads(path.read_text())
+  out = compute()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(out) + "\n")
+  return out
+
+
 def plot_ndcg_vs_bytes(points, path: Path, xlabel: str = "bytes per document (log)",
                        legend: str = "lower left") -> None:
   """A scatter of SciFact test nDCG@10 against bytes per document (log x) of (label, bytes,

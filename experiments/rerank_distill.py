@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import REPO, RESULTS, run_config  # noqa: E402
+from experiments.common import REPO, RESULTS, cached, run_config  # noqa: E402
 
 OUT = RESULTS / "rerank_distill"
 RUNS = Path("runs/rerank")
@@ -96,7 +96,8 @@ TRAININGS = {  # name -> (config spec, workdir, overrides)
 # The bi-encoder teacher first: it is the cheaper teacher (one MPNet training) and unblocks the
 # students and SPLADE's distillation; the cross-encoders follow.
 ORDER = ["dense", "scores_dense", "splade_tiny_dense", "mpnet_bi", "scores_bi", "student_bi",
-         "student_bi_fn", "mlm", "splade_bi", "splade_tiny_bi", "ce_minilm", "ce_mpnet", "scores_ce", "student_ce", "student_ce_fn", "splade_ce"]
+         "student_bi_fn", "mlm", "splade_bi", "splade_tiny_bi", "ce_minilm", "ce_mpnet", "scores_ce",
+         "student_ce", "student_ce_fn", "splade_ce"]
 FIRST_STAGES = {"zero-shot": "sentence-transformers/all-MiniLM-L6-v2", "bm25": "bm25",
                 "hardneg": "runs/sparse/dense_hardneg/export"}
 
@@ -108,15 +109,6 @@ def dev_qrels():
   train = data.qrels("train")
   _, dev = carve_dev([q for q in data.queries if q in train], 0.1, 0)
   return data, {q: train[q] for q in dev}
-
-
-def cached(path: Path, compute):
-  if path.exists():
-    return json.loads(path.read_text())
-  out = compute()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(out) + "\n")
-  return out
 
 
 def first_stage(name: str, split: str = "test") -> tuple[dict, dict]:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import REPO, RESULTS, plot_ndcg_vs_bytes, run_config  # noqa: E402
+from experiments.common import REPO, RESULTS, cached, plot_ndcg_vs_bytes, run_config  # noqa: E402
 
 OUT = RESULTS / "sparse"
 RUNS = Path("runs/sparse")
@@ -100,24 +100,20 @@ def dev_and_test():
 def retrieval(name: str, model_path) -> dict:
   """A model's test metrics, index statistics and its runs over the test and dev queries (top
   KEEP), cached in its workdir (BM25: in runs/sparse/bm25)."""
-  cache = (RUNS / "bm25" if name == "bm25" else Path(model_path).parent) / "retrieval.json"
-  if cache.exists():
-    return json.loads(cache.read_text())
-  import embed_jax
-  from embed_jax.evaluate import DEFAULT_K, evaluate_retrieval, ir_metrics
-  data, dev, test = dev_and_test()
-  model = embed_jax.load(model_path)
-  out = evaluate_retrieval(model, data, "test", qrels={**dev, **test}, keep_runs=True,
-                           batch_size=64)
-  row = out["results"][0]
-  run = {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:KEEP]) for q, docs in row.pop("run").items()}
-  row["metrics"] = ir_metrics(test, {q: run[q] for q in test}, DEFAULT_K)
-  row["dev_ndcg@10"] = ir_metrics(dev, {q: run[q] for q in dev}, (10,))["ndcg@10"]
-  result = {"row": row, "settings": out["settings"], "run": run}
-  cache.parent.mkdir(parents=True, exist_ok=True)
-  cache.parent.mkdir(parents=True, exist_ok=True)
-  cache.write_text(json.dumps(result) + "\n")
-  return result
+  def compute():
+    import embed_jax
+    from embed_jax.evaluate import DEFAULT_K, evaluate_retrieval, ir_metrics
+    data, dev, test = dev_and_test()
+    model = embed_jax.load(model_path)
+    out = evaluate_retrieval(model, data, "test", qrels={**dev, **test}, keep_runs=True,
+                             batch_size=64)
+    row = out["results"][0]
+    run = {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:KEEP]) for q, docs in row.pop("run").items()}
+    row["metrics"] = ir_metrics(test, {q: run[q] for q in test}, DEFAULT_K)
+    row["dev_ndcg@10"] = ir_metrics(dev, {q: run[q] for q in dev}, (10,))["ndcg@10"]
+    return {"row": row, "settings": out["settings"], "run": run}
+  return cached((RUNS / "bm25" if name == "bm25" else Path(model_path).parent) / "retrieval.json",
+                compute)
 
 
 IDF_POWERS = (0.0, 0.5, 1.0)  # alpha of the query weighting corpus_idf ** alpha; 0: none
@@ -126,34 +122,32 @@ IDF_POWERS = (0.0, 0.5, 1.0)  # alpha of the query weighting corpus_idf ** alpha
 def idf_weighted(model_path, cache: Path) -> dict:
   """A SPLADE model's queries weighted by the SciFact corpus's idf ** alpha (Iida & Okazaki
   2022), alpha picked on the dev queries among IDF_POWERS; the picked one's test metrics and
-  every alpha's dev nDCG@10, cached (idf.json in its workdir)."""
-  if cache.exists():
-    return json.loads(cache.read_text())
-  import embed_jax
-  from embed_jax.evaluate import DEFAULT_K, ir_metrics, run_from_topk
-  from embed_jax.representations import of_model
-  from embed_jax.sparse import InvertedIndex, corpus_idf
-  data, dev, test = dev_and_test()
-  model = embed_jax.load(model_path)
-  rep = of_model(model)
-  texts = data.corpus_texts(" ")
-  docs = rep.encode(model, texts, role="document", batch_size=64)
-  qids = [q for q in data.queries if q in dev or q in test]
-  queries = rep.encode(model, [data.queries[q] for q in qids], role="query", batch_size=64)
-  idf = corpus_idf(model.tokenizer, model.config, texts, docs.shape[1])
-  runs, dev_ndcg = {}, {}
-  for alpha in IDF_POWERS:
-    index = InvertedIndex(term_weights=idf ** alpha if alpha else None)
-    index.index(docs)
-    run = run_from_topk(qids, data.corpus_ids, *index.search(queries, KEEP))
-    runs[alpha] = run
-    dev_ndcg[alpha] = ir_metrics(dev, {q: run[q] for q in dev}, (10,))["ndcg@10"]
-  alpha = max(IDF_POWERS, key=lambda a: dev_ndcg[a])
-  result = {"alpha": alpha, "dev_by_alpha": {str(a): v for a, v in dev_ndcg.items()},
+  every alpha's dev nDCG@10, cached (idf.json in its workdir). It encodes the corpus again:
+  retrieval()'s pass keeps only the runs."""
+  def compute():
+    import embed_jax
+    from embed_jax.evaluate import DEFAULT_K, ir_metrics, run_from_topk
+    from embed_jax.representations import of_model
+    from embed_jax.sparse import InvertedIndex, corpus_idf
+    data, dev, test = dev_and_test()
+    model = embed_jax.load(model_path)
+    rep = of_model(model)
+    texts = data.corpus_texts(" ")
+    docs = rep.encode(model, texts, role="document", batch_size=64)
+    qids = [q for q in data.queries if q in dev or q in test]
+    queries = rep.encode(model, [data.queries[q] for q in qids], role="query", batch_size=64)
+    idf = corpus_idf(model.tokenizer, model.config, texts, docs.shape[1])
+    runs, dev_ndcg = {}, {}
+    for alpha in IDF_POWERS:
+      index = InvertedIndex(term_weights=idf ** alpha if alpha else None)
+      index.index(docs)
+      runs[alpha] = run_from_topk(qids, data.corpus_ids, *index.search(queries, KEEP))
+      dev_ndcg[alpha] = ir_metrics(dev, {q: runs[alpha][q] for q in dev}, (10,))["ndcg@10"]
+    alpha = max(IDF_POWERS, key=lambda a: dev_ndcg[a])
+    return {"alpha": alpha, "dev_by_alpha": {str(a): v for a, v in dev_ndcg.items()},
             "dev_ndcg@10": dev_ndcg[alpha],
             "metrics": ir_metrics(test, {q: runs[alpha][q] for q in test}, DEFAULT_K)}
-  cache.write_text(json.dumps(result) + "\n")
-  return result
+  return cached(cache, compute)
 
 
 def train_stage(name: str) -> None:
@@ -276,7 +270,8 @@ def write(result: dict) -> None:
   singles = {k: r for k, r in rows.items() if k in SINGLE or k.endswith("_idf")}
   fused = {k: r for k, r in rows.items() if "parts" in r}
   lines.append("")
-  for name in [n for s in SPLADES for n in (s, f"{s}_idf")]:
+  with_idf = [n for s in SPLADES for n in (s, f"{s}_idf")]  # each SPLADE, then its weighted row
+  for name in with_idf:
     if name in singles and "bm25" in singles:
       d = singles[name]["metrics"]["ndcg@10"] - singles["bm25"]["metrics"]["ndcg@10"]
       lines.append(f"- {singles[name]['label']} against BM25: {d:+.4f} nDCG@10 "
@@ -295,8 +290,7 @@ def write(result: dict) -> None:
                  f"(dev {singles[pick]['dev_ndcg@10']:.4f}, test "
                  f"{singles[pick]['metrics']['ndcg@10']:.4f}).")
   # The SPLADE the target is judged on: the dev queries pick it among all trained ones, not test.
-  trained = [k for s in SPLADES for k in (s, f"{s}_idf")
-             if k in singles and singles[k].get("dev_ndcg@10") is not None]
+  trained = [k for k in with_idf if k in singles and singles[k].get("dev_ndcg@10") is not None]
   if trained and "bm25" in singles:
     pick = max(trained, key=lambda k: singles[k]["dev_ndcg@10"])
     d = singles[pick]["metrics"]["ndcg@10"] - singles["bm25"]["metrics"]["ndcg@10"]
