@@ -385,3 +385,26 @@ except ImportError:
                        cwd=Path(__file__).resolve().parents[1], timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "ok: no tensorflow" in out.stdout
+
+
+def test_a_builder_made_before_another_process_prepared_the_folder_reads_it(tmp_path, env,
+                                                                            monkeypatch):
+  """The race behind an intermittent failure of the test above: a process makes its builder, a
+  second one finishes preparing the folder, then the first finds dataset_info.json and skips the
+  lock. Its builder still holds the code's info (no checksum); it must be made again."""
+  from embed_jax.data import beir
+  folder = write_beir(tmp_path / "tiny")
+  config = beir.beir_config(beir.resolve_beir(folder, None))
+  stale = beir.quiet_builder(beir.BeirBuilder, config, None)  # before the folder exists
+  assert stale.info.metadata is None or "checksum" not in stale.info.metadata
+  load_beir(folder)  # the other process
+  made = []
+  real = beir.quiet_builder
+
+  def first_is_stale(*args):
+    made.append(args)
+    return stale if len(made) == 1 else real(*args)
+
+  monkeypatch.setattr(beir, "quiet_builder", first_is_stale)
+  assert load_beir(folder).corpus_ids == ["d1", "d2", "d3", "d4"]
+  assert len(made) == 2

@@ -384,6 +384,9 @@ def prepare_quietly(builder_cls, config, data_dir, what: str):
       if not epath.Path(builder.data_dir).joinpath("dataset_info.json").exists():
         _prepare(builder, what)
         return builder
+  # Made again from the prepared folder: a builder made while another process was still
+  # preparing it holds the code's info (no checksum), which load_beir would refuse.
+  builder = quiet_builder(builder_cls, config, data_dir)
   builder.download_and_prepare()  # already prepared: a quick check
   return builder
 
