@@ -179,9 +179,11 @@ def first_stage(name: str, dataset, split: str, qrels, *, top: int, batch_size: 
 
 def evaluate_reranking(model: CrossEncoder, dataset, split: str, run: Mapping, *,
                        qrels: Mapping | None = None, top: int = 100, batch_size: int = 32,
-                       k_values: Sequence[int] | None = None, label: str = "reranked") -> dict:
+                       k_values: Sequence[int] | None = None, label: str = "reranked",
+                       keep_run: bool = False) -> dict:
   """The cross-encoder re-ranking `run`'s top documents per query: a result row (metrics, ms per
-  query of the re-ranking alone, pairs scored) as evaluate_retrieval gives."""
+  query of the re-ranking alone, pairs scored) as evaluate_retrieval gives; with keep_run, also
+  the re-ranked run (its logits) under "run"."""
   from embed_jax import evaluate
   qrels = dataset.qrels(split) if qrels is None else qrels
   queries = {q: dataset.queries[q] for q in run}
@@ -189,6 +191,7 @@ def evaluate_reranking(model: CrossEncoder, dataset, split: str, run: Mapping, *
   reranked, timing = rerank(model, {q: run[q] for q in run if q in qrels}, queries, docs,
                             top=top, batch_size=batch_size)
   k_values = tuple(k_values or evaluate.DEFAULT_K)
-  return {"representation": label, "dims": "", "metrics": evaluate.ir_metrics(qrels, reranked, k_values),
-          "bytes_per_doc": None, "ms_per_query": timing["ms_per_query"], "rerank_top": top,
-          "pairs": timing["pairs"], "rerank_seconds": timing["rerank_seconds"]}
+  row = {"representation": label, "dims": "",
+         "metrics": evaluate.ir_metrics(qrels, reranked, k_values), "bytes_per_doc": None, "ms_per_query": timing["ms_per_query"], "rerank_top": top,
+         "pairs": timing["pairs"], "rerank_seconds": timing["rerank_seconds"]}
+  return {**row, "run": reranked} if keep_run else row

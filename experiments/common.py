@@ -76,6 +76,14 @@ def metrics_at_dims(workdir: str | os.PathLike, dims, dataset: str = "scifact") 
   return {d: have[d] for d in dims}
 
 
+CARRIED = " (earlier run)"  # a committed table's row kept: its run folder is not on this machine
+
+
+def carried(label: str) -> str:
+  """`label` marked (once) as a row kept from the committed table."""
+  return label.replace(CARRIED, "") + CARRIED
+
+
 def cached(path: Path, compute):
   """The JSON at `path`, or compute() written there (its folder made) and returned."""
   if path.exists():

@@ -45,7 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import REPO, RESULTS, cached, run_config  # noqa: E402
+from experiments.common import (  # noqa: E402
+    CARRIED, REPO, RESULTS, cached, carried, run_config)
 
 OUT = RESULTS / "rerank_distill"
 RUNS = Path("runs/rerank")
@@ -146,20 +147,14 @@ def reranked(first: str, ce: str, split: str = "test") -> dict:
   its logits), cached."""
   def compute():
     import embed_jax
-    from embed_jax.evaluate import DEFAULT_K, ir_metrics
-    from embed_jax.rerank import rerank
+    from embed_jax.rerank import evaluate_reranking
     data, dev = dev_qrels()
     run, _ = first_stage(first, split)
-    qrels = dev if split == "dev" else data.qrels("test")
-    docs = dict(zip(data.corpus_ids, data.corpus_texts(" ")))
-    out, timing = rerank(embed_jax.load(TRAININGS[ce][1] / "export"),
-                         {q: run[q] for q in run if q in qrels}, data.queries, docs, top=TOP,
-                         batch_size=64)
-    row = {"representation": f"{first} + {ce} top {TOP}", "dims": "",
-           "metrics": ir_metrics(qrels, out, DEFAULT_K), "bytes_per_doc": None,
-           "ms_per_query": timing["ms_per_query"], "rerank_top": TOP, "pairs": timing["pairs"],
-           "rerank_seconds": timing["rerank_seconds"]}
-    return {"row": row, "run": out}
+    row = evaluate_reranking(embed_jax.load(TRAININGS[ce][1] / "export"), data,
+                             "test" if split == "test" else "train", run,
+                             qrels=dev if split == "dev" else None, top=TOP, batch_size=64,
+                             label=f"{first} + {ce} top {TOP}", keep_run=True)
+    return {"run": row.pop("run"), "row": row}
   return cached(RUNS / ce / f"rerank_{first}_{split}.json", compute)
 
 
@@ -273,7 +268,6 @@ def speed(queries: int = 50, ce_queries: int = 4) -> list[dict]:
 
 BI_ENCODERS = ("mpnet_bi", "student_ce", "student_ce_fn", "student_bi", "student_bi_fn", "splade_ce",
                "splade_bi", "splade_tiny_bi", "splade_tiny_dense")
-CARRIED = " (earlier run)"  # rows kept from the committed table: no run folder on this machine
 
 
 def tabulate() -> dict:
@@ -288,7 +282,7 @@ def tabulate() -> dict:
   def keep(key):  # a model trained on another machine keeps its committed row, marked
     if key in committed:
       row = committed[key]
-      result[key] = {**row, "representation": row["representation"].replace(CARRIED, "") + CARRIED}
+      result[key] = {**row, "representation": carried(row["representation"])}
 
   for name in FIRST_STAGES:
     if name == "hardneg" and not (TRAININGS["dense"][1] / "export").exists():
@@ -306,13 +300,13 @@ def tabulate() -> dict:
       mix = interpolated(name, ce)
       add(f"{name}+{ce}+mix", mix, f"{name} + {ce} (top {TOP}), scores mixed "
           f"(cross-encoder weight {mix['cross_encoder_weight']:g}, on dev)", TRAININGS[ce][1])
+  from embed_jax.rerank import first_stage as fs
+  data, _ = dev_qrels()
   for name in BI_ENCODERS:
     workdir = TRAININGS[name][1]
     if not (workdir / "export").exists():
       keep(name)
       continue
-    from embed_jax.rerank import first_stage as fs
-    data, dev = dev_qrels()
     _, row = fs(str(workdir / "export"), data, "test", data.qrels("test"), top=TOP,
                 batch_size=64, cache=workdir / "first_stage_test.json")
     add(name, row, name, workdir)
@@ -394,7 +388,7 @@ def cross_encoders_dev() -> dict:
     workdir = TRAININGS[ce][1]
     if not (workdir / "export").exists():
       if ce in committed:
-        rows[ce] = {**committed[ce], "label": committed[ce]["label"].replace(CARRIED, "") + CARRIED}
+        rows[ce] = {**committed[ce], "label": carried(committed[ce]["label"])}
       continue
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
               if '"pairs_loss"' in line]

@@ -39,7 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import REPO, RESULTS, cached, plot_ndcg_vs_bytes, run_config  # noqa: E402
+from experiments.common import (  # noqa: E402
+    CARRIED, REPO, RESULTS, cached, carried, plot_ndcg_vs_bytes, run_config)
 
 OUT = RESULTS / "sparse"
 RUNS = Path("runs/sparse")
@@ -80,7 +81,6 @@ SPLADES = ("splade", "splade_bi", "splade_tiny", "splade_tiny_hi", "splade_tiny_
            "splade_tiny_bi", "splade_tiny_dense")
 HYBRIDS = (("dense", "bm25"), *(("dense", s) for s in SPLADES), ("dense", "lexical"),
            *((s, "bm25") for s in SPLADES))
-CARRIED = " (earlier run)"  # rows kept from the committed table: no run folder here
 KEEP = 100  # documents kept per query in the cached runs (fusion reads the top 100 of each)
 
 
@@ -177,7 +177,7 @@ def main():
   for name in SINGLE:
     if name != "bm25" and not (workdir_of(name) / "export").exists():
       # A model trained on another machine keeps its committed rows (and its hybrids'), marked.
-      kept = {k: {**v, "label": v["label"].replace(CARRIED, "") + CARRIED}
+      kept = {k: {**v, "label": carried(v["label"])}
               for k, v in committed.items() if isinstance(v, dict) and
               (k in (name, f"{name}_before") or name in v.get("parts", ()))}
       result.update(kept)
